@@ -1,0 +1,193 @@
+"""
+A channel: one row of the control table and the state it carries at a replica.
+"""
+
+from fit_broker.broker.queue import OutputQueue
+from fit_broker.dedup import RecentIds
+from fit_broker.errors import Status
+
+
+class Refused(Exception):
+    """
+    A request the channel will not carry out, with its status and reason.
+    """
+
+    def __init__(self, status, text, reason):
+        super().__init__(text)
+        self.status = status
+        self.text = text
+        self.reason = reason
+
+
+class Channel:
+    """
+    A channel's replica-side state: who published what, and who waits for it.
+
+    Channels share nothing, so the per-event path takes no global structure.
+
+    @ivar queues: subscriber name -> L{OutputQueue}.
+    @ivar counters: reason -> count, for everything accepted or refused here.
+    """
+
+    def __init__(self, spec, scheme, ordering, keys=None, max_clock_skew=300.0, dedup_window=65_536):
+        self.spec = spec
+        self.tag = spec.tag
+        self.scheme = scheme
+        self.ordering = ordering
+        self.keys = keys
+        self.max_clock_skew = max_clock_skew
+        self.dedup_window = dedup_window
+        self.queues = {}
+        self.registered = set()
+        self._recent = {}
+        self.counters = {"accepted": 0, "duplicate": 0, "expired-on-arrival": 0}
+
+    def count(self, reason, n=1):
+        self.counters[reason] = self.counters.get(reason, 0) + n
+
+    def refuse(self, status, text, reason):
+        self.count(f"refused:{reason}")
+        return Refused(status, text, reason)
+
+    def check_publisher(self, client):
+        if not self.spec.may_publish(client):
+            raise self.refuse(
+                Status.UNAUTHORIZED,
+                f"client {client!r} may not publish to channel {self.tag!r}",
+                "unauthorized",
+            )
+
+    def check_subscriber(self, client):
+        if not self.spec.may_subscribe(client):
+            raise self.refuse(
+                Status.UNAUTHORIZED,
+                f"client {client!r} may not subscribe to channel {self.tag!r}",
+                "unauthorized",
+            )
+
+    def publish(self, client, events, proof, now):
+        """
+        Accept a batch from C{client}; return the events appended.
+
+        A batch is refused whole (L{Refused}) when it is not authentic or any
+        event is malformed, so a publisher never has to guess which part of a
+        batch was taken.  Duplicates and events already expired are dropped
+        and counted, and the publish still succeeds.
+        """
+        self.check_publisher(client)
+        if not events:
+            return []
+        reason = self.scheme.check_batch(self.keys, self.tag, client, events, proof)
+        if reason is not None:
+            raise self.refuse(
+                Status.AUTH_FAILED,
+                f"batch from {client!r} on {self.tag!r} failed the {self.scheme.name} check: {reason}",
+                reason,
+            )
+        qos = self.spec.qos
+        levels = qos.urgency_levels
+        max_ttl = qos.ttl
+        latest = now + self.max_clock_skew
+        recent = self._recent.get(client)
+        if recent is None:
+            recent = self._recent[client] = RecentIds(self.dedup_window, floors=False)
+        fresh = []
+        duplicates = expired = 0
+        for index, event in enumerate(events):
+            publisher, event_id, timestamp, ttl, urgency = event[:5]
+            if publisher != client:
+                raise self.refuse(
+                    Status.BAD_REQUEST,
+                    f"event {index} names publisher {publisher!r}, the connection is {client!r}",
+                    "publisher-mismatch",
+                )
+            if not 0 <= urgency < levels:
+                raise self.refuse(
+                    Status.BAD_REQUEST,
+                    f"event {index}: urgency {urgency} outside 0..{levels - 1}",
+                    "bad-urgency",
+                )
+            if not 0 < ttl <= max_ttl:
+                raise self.refuse(
+                    Status.BAD_REQUEST,
+                    f"event {index}: ttl {ttl} outside (0, {max_ttl}]",
+                    "bad-ttl",
+                )
+            if timestamp > latest:
+                raise self.refuse(
+                    Status.BAD_REQUEST,
+                    f"event {index}: timestamp out of bounds ({timestamp - now:.1f} s ahead)",
+                    "timestamp-out-of-bounds",
+                )
+            key = (publisher, event_id)
+            if key in recent:
+                duplicates += 1
+            elif timestamp + ttl <= now:
+                expired += 1
+            else:
+                recent.add(key, urgency)
+                fresh.append(event)
+        if duplicates:
+            self.count("duplicate", duplicates)
+        if expired:
+            self.count("expired-on-arrival", expired)
+        self.registered.add(client)
+        appended = []
+        for _, batch in self.ordering.submit(self.tag, fresh, now):
+            self.append(batch)
+            appended.extend(batch)
+        return appended
+
+    def append(self, batch):
+        """
+        Put an ordered batch into every subscriber's queue.
+        """
+        if not batch:
+            return
+        self.counters["accepted"] += len(batch)
+        for queue in self.queues.values():
+            queue.extend(batch)
+
+    def subscribe(self, client, resume):
+        self.check_subscriber(client)
+        queue = self.queues.get(client)
+        if queue is None:
+            qos = self.spec.qos
+            queue = self.queues[client] = OutputQueue(
+                qos.capacity, qos.urgency_levels, qos.overflow
+            )
+        elif not resume:
+            queue.clear()
+        return queue
+
+    def unsubscribe(self, client):
+        queue = self.queues.pop(client, None)
+        if queue is not None:
+            queue.clear()
+        return queue
+
+    def take(self, client, count, now):
+        queue = self.queues.get(client)
+        if queue is None:
+            raise self.refuse(
+                Status.NOT_SUBSCRIBED,
+                f"client {client!r} is not subscribed to {self.tag!r}",
+                "not-subscribed",
+            )
+        return queue.take(count, now)
+
+    def expire(self, now):
+        for queue in self.queues.values():
+            queue.expire(now)
+
+    def snapshot(self):
+        """
+        Counters of the channel and of each subscriber's queue.
+        """
+        return {
+            "counters": dict(self.counters),
+            "subscribers": {
+                name: dict(queue.counters, waiting=len(queue))
+                for name, queue in self.queues.items()
+            },
+        }

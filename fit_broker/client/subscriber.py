@@ -1,0 +1,192 @@
+"""
+Receiving events: streams with flow control, and pulls.
+"""
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+
+from fit_broker import units
+from fit_broker.components import VOTERS
+from fit_broker.errors import FitBrokerError, RequestFailed
+from fit_broker.units import CONTENT, Event, Request
+
+DEFAULT_CREDIT = 2000
+
+
+class _Stream:
+    __slots__ = ("tag", "callback", "owed", "busy", "backlog")
+
+    def __init__(self, tag, callback):
+        self.tag = tag
+        self.callback = callback
+        self.owed = {}
+        self.busy = False
+        self.backlog = []
+
+
+class Subscriber:
+    """
+    Subscribes to channels and hands each decided event to the application once.
+
+    Every replica pushes copies; the channel's voter decides which copy is
+    the event (CFT: the first).  Credits go back to a replica only after the
+    application has taken the events it sent, so a slow console stops its
+    own streams at the replicas and holds at most C{credit} events per
+    replica and channel here.
+    """
+
+    log = Logger()
+
+    def __init__(self, proxy, clock, schemes, keys=None, credit=DEFAULT_CREDIT):
+        self.proxy = proxy
+        self.config = proxy.config
+        self.client = proxy.client
+        self.clock = clock
+        self.schemes = schemes
+        self.keys = keys
+        self.credit = credit
+        self.voters = {}
+        self._streams = {}
+        self._pulled = {}
+        proxy.on_delivery = self._delivery
+        proxy.on_link_up.append(self._link_up)
+
+    def _spec(self, tag):
+        spec = self.config.channel(tag)
+        if spec is None:
+            raise RequestFailed("unknown-channel", f"no channel {tag!r} in {self.config.path}")
+        if not spec.may_subscribe(self.client):
+            raise RequestFailed(
+                "unauthorized",
+                f"client {self.client!r} may not subscribe to channel {tag!r} "
+                f"(control table in {self.config.path})",
+            )
+        return spec
+
+    def voter(self, tag):
+        voter = self.voters.get(tag)
+        if voter is None:
+            spec = self.config.channels[tag]
+            voter = self.voters[tag] = VOTERS[spec.voter](self.config.faults)
+        return voter
+
+    def subscribe(self, tag, callback=None, resume=False):
+        """
+        Subscribe to C{tag}.  With C{callback}, events are streamed to it in
+        lists of L{Event}; if it returns a Deferred, no more events come
+        until it fires.  Without, use L{receive}.
+
+        @param resume: keep what the replicas queued for this client since
+            it last went away, instead of starting afresh.
+        """
+        try:
+            spec = self._spec(tag)
+        except FitBrokerError:
+            return fail()
+        self.voter(tag)
+        options = {"resume": resume}
+        if callback is not None:
+            self._streams[tag] = _Stream(tag, callback)
+            options.update(stream=True, credit=self.credit)
+        request = Request(self.proxy.next_seq(), units.SUBSCRIBE, tag, options=options)
+        quorum = self.config.acks_needed(spec.tag)
+        return self.proxy.invoke(request, quorum, retry=False)
+
+    def unsubscribe(self, tag):
+        self._streams.pop(tag, None)
+        request = Request(self.proxy.next_seq(), units.UNSUBSCRIBE, tag)
+        return self.proxy.invoke(request, self.config.acks_needed(tag), retry=False)
+
+    def _link_up(self, index):
+        for tag, stream in self._streams.items():
+            stream.owed[index] = 0
+            self.proxy.send(
+                index,
+                Request(
+                    0,
+                    units.SUBSCRIBE,
+                    tag,
+                    options={"resume": True, "stream": True, "credit": self.credit},
+                ),
+            )
+
+    def _delivery(self, index, delivery):
+        stream = self._streams.get(delivery.channel)
+        if stream is None:
+            self.proxy.count("delivery-without-stream")
+            return
+        decided = self.voter(stream.tag).offer(index, delivery.events, self.clock.seconds())
+        stream.owed[index] = stream.owed.get(index, 0) + len(delivery.events)
+        if stream.busy:
+            stream.backlog.extend(decided)
+            return
+        if decided:
+            self._hand_over(stream, decided)
+        if not stream.busy:
+            self._grant(stream)
+
+    def _hand_over(self, stream, decided):
+        try:
+            result = stream.callback(self._events(stream.tag, decided))
+        except Exception:
+            self.log.failure("the application failed on events of {tag}", tag=stream.tag)
+            return
+        if not isinstance(result, Deferred):
+            return
+        stream.busy = True
+
+        def done(_):
+            stream.busy = False
+            if stream.backlog:
+                backlog, stream.backlog = stream.backlog, []
+                self._hand_over(stream, backlog)
+            if not stream.busy:
+                self._grant(stream, force=True)
+
+        result.addErrback(self._callback_failed, stream.tag)
+        result.addBoth(done)
+
+    def _callback_failed(self, failure, tag):
+        self.log.failure("the application failed on events of {tag}", failure, tag=tag)
+
+    def _grant(self, stream, force=False):
+        threshold = 1 if force else self.credit // 4
+        for index, owed in stream.owed.items():
+            if owed >= threshold:
+                stream.owed[index] = 0
+                self.proxy.send(index, Request(0, units.CREDIT, stream.tag, owed))
+
+    def _events(self, tag, decided):
+        scheme = self.schemes(self.config.channels[tag].scheme)
+        if scheme.name == "si":
+            return [Event(*t) for t in decided]
+        keys = self.keys
+        return [
+            Event(*t[:CONTENT], scheme.open(keys, tag, t), t[CONTENT + 1]) for t in decided
+        ]
+
+    def receive(self, tag, count):
+        """
+        Pull up to C{count} events of C{tag} (after L{subscribe} without a callback).
+        """
+        try:
+            self._spec(tag)
+        except FitBrokerError:
+            return fail()
+        buffer = self._pulled.setdefault(tag, [])
+        if len(buffer) >= count:
+            return succeed(self._take(tag, count))
+        voter = self.voter(tag)
+
+        def observe(index, reply):
+            buffer.extend(voter.offer(index, reply.events, self.clock.seconds()))
+
+        request = Request(self.proxy.next_seq(), units.RECEIVE, tag, count)
+        d = self.proxy.invoke(request, self.config.acks_needed(tag), retry=False, observe=observe)
+        d.addCallback(lambda _: self._take(tag, count))
+        return d
+
+    def _take(self, tag, count):
+        buffer = self._pulled[tag]
+        taken, self._pulled[tag] = buffer[:count], buffer[count:]
+        return self._events(tag, taken)

@@ -1,0 +1,292 @@
+"""
+The cluster configuration and control table, loaded from TOML.
+
+One file describes a cluster: its replicas, its clients, the QoS classes and
+the channels (the control table).  Replicas, clients and the command line all
+read the same file.  Every problem is reported as a L{ConfigError} naming the
+file, the key and what was expected, before anything listens.
+"""
+
+import os
+import tomllib
+
+import attrs
+
+from fit_broker.components import ORDERINGS, QOP_MODES, VOTERS
+from fit_broker.errors import ConfigError
+from fit_broker.qos import ORDERINGS as ORDERING_NAMES
+from fit_broker.qos import OVERFLOW_POLICIES, QoSClass
+
+
+@attrs.frozen
+class ReplicaSpec:
+    """
+    @ivar listen: the server endpoint string the replica listens on.
+    @ivar connect: the client endpoint string clients reach it with.
+    """
+
+    index: int
+    listen: str
+    connect: str
+
+
+@attrs.frozen
+class ChannelSpec:
+    """
+    One row of the control table.
+    """
+
+    tag: str
+    topic: str
+    qos: QoSClass
+    qop: str
+    scheme: str
+    voter: str
+    publishers: frozenset
+    subscribers: frozenset
+
+    def may_publish(self, client):
+        return client in self.publishers or "*" in self.publishers
+
+    def may_subscribe(self, client):
+        return client in self.subscribers or "*" in self.subscribers
+
+
+@attrs.frozen
+class ClusterConfig:
+    """
+    @ivar path: the file this was loaded from; relative paths in it are
+        relative to its folder.
+    @ivar max_clock_skew: how far in the future a publisher's timestamp may
+        be, in seconds, before replicas refuse its events.
+    """
+
+    path: str
+    name: str
+    faults: int
+    replicas: tuple
+    clients: frozenset
+    default_client: str | None
+    classes: dict
+    channels: dict
+    plugin_folders: tuple = ()
+    max_clock_skew: float = 300.0
+    keys_dir: str | None = None
+    tls: bool = False
+
+    @property
+    def folder(self):
+        return os.path.dirname(os.path.abspath(self.path))
+
+    def resolve(self, relative):
+        """
+        Return C{relative} as a path relative to this file's folder.
+        """
+        return os.path.join(self.folder, relative)
+
+    def channel(self, tag):
+        return self.channels.get(tag)
+
+    def acks_needed(self, tag):
+        mode = QOP_MODES[self.channels[tag].qop]
+        return mode.acks_needed(len(self.replicas), self.faults)
+
+
+class _Reader:
+    """
+    Typed access to a TOML table that names the file and key on any error.
+    """
+
+    def __init__(self, path, table, where):
+        self.path = path
+        self.table = table
+        self.where = where
+
+    def fail(self, key, expected):
+        location = f"{self.where}.{key}" if self.where else key
+        raise ConfigError(f"{self.path}: [{location}]: expected {expected}")
+
+    def get(self, key, kind, expected, default=attrs.NOTHING):
+        if key not in self.table:
+            if default is attrs.NOTHING:
+                self.fail(key, f"{expected} (the key is missing)")
+            return default
+        value = self.table[key]
+        if kind is float and type(value) is int:
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            self.fail(key, f"{expected}, found {value!r}")
+        return value
+
+    def sub(self, key, index=None):
+        where = f"{self.where}.{key}" if self.where else key
+        if index is not None:
+            where = f"{where}[{index}]"
+            table = self.table[key][index]
+        else:
+            table = self.table.get(key, {})
+        if not isinstance(table, dict):
+            self.fail(key if index is None else f"{key}[{index}]", "a table")
+        return _Reader(self.path, table, where)
+
+    def unknown_keys(self, allowed):
+        extra = set(self.table) - set(allowed)
+        if extra:
+            self.fail(sorted(extra)[0], f"one of the keys {', '.join(sorted(allowed))}")
+
+
+def _names(reader, key):
+    value = reader.get(key, list, "a list of client names", [])
+    if not all(isinstance(v, str) and v for v in value):
+        reader.fail(key, "a list of client names (strings)")
+    return frozenset(value)
+
+
+def _load_class(reader, name):
+    reader.unknown_keys(
+        {"urgency_levels", "ordering", "capacity", "ttl", "overflow"}
+    )
+    levels = reader.get("urgency_levels", int, "an integer from 1 to 16", 4)
+    if not 1 <= levels <= 16:
+        reader.fail("urgency_levels", f"an integer from 1 to 16, found {levels}")
+    ordering = reader.get("ordering", str, f"one of {', '.join(ORDERING_NAMES)}", "none")
+    if ordering not in ORDERING_NAMES:
+        reader.fail("ordering", f"one of {', '.join(ORDERING_NAMES)}, found {ordering!r}")
+    capacity = reader.get("capacity", int, "a positive integer", 10_000)
+    if capacity < 1:
+        reader.fail("capacity", f"a positive integer, found {capacity}")
+    ttl = reader.get("ttl", float, "a positive number of seconds", 300.0)
+    if ttl <= 0:
+        reader.fail("ttl", f"a positive number of seconds, found {ttl}")
+    overflow = reader.get("overflow", str, "'drop-oldest' or 'drop-newest'", "drop-oldest")
+    if overflow not in OVERFLOW_POLICIES:
+        reader.fail("overflow", f"'drop-oldest' or 'drop-newest', found {overflow!r}")
+    return QoSClass(name, levels, ordering, capacity, ttl, overflow)
+
+
+def parse_config(path, data):
+    """
+    Build a L{ClusterConfig} from the parsed TOML C{data} of file C{path}.
+    """
+    top = _Reader(path, data, "")
+    top.unknown_keys({"cluster", "replicas", "clients", "classes", "channels"})
+    cluster = top.sub("cluster")
+    cluster.unknown_keys(
+        {"name", "faults", "default_client", "plugin_folders", "max_clock_skew", "keys_dir", "tls"}
+    )
+    name = cluster.get("name", str, "the cluster's name", "fitbroker")
+    faults = cluster.get("faults", int, "the number of faulty replicas tolerated (f)", 1)
+    if faults < 0:
+        cluster.fail("faults", f"a number >= 0, found {faults}")
+
+    replicas_data = top.get("replicas", list, "an array of [[replicas]] tables", None)
+    if not replicas_data:
+        top.fail("replicas", "at least one [[replicas]] table with listen and connect")
+    replicas = []
+    for index in range(len(replicas_data)):
+        r = top.sub("replicas", index)
+        r.unknown_keys({"listen", "connect"})
+        replicas.append(
+            ReplicaSpec(
+                index,
+                r.get("listen", str, "a server endpoint string like 'tcp:7400:interface=127.0.0.1'"),
+                r.get("connect", str, "a client endpoint string like 'tcp:127.0.0.1:7400'"),
+            )
+        )
+
+    clients_table = top.sub("clients")
+    clients = frozenset(clients_table.table)
+    for client in clients:
+        clients_table.sub(client).unknown_keys({"description"})
+
+    default_client = cluster.get("default_client", str, "a client name", None)
+    if default_client is not None and default_client not in clients:
+        cluster.fail("default_client", f"a client of [clients], found {default_client!r}")
+
+    classes_table = top.sub("classes")
+    classes = {"default": QoSClass("default")}
+    for class_name in classes_table.table:
+        classes[class_name] = _load_class(classes_table.sub(class_name), class_name)
+
+    channels = {}
+    channels_data = top.get("channels", list, "an array of [[channels]] tables", [])
+    for index in range(len(channels_data)):
+        c = top.sub("channels", index)
+        c.unknown_keys(
+            {"tag", "topic", "class", "qop", "scheme", "voter", "publishers", "subscribers"}
+        )
+        tag = c.get("tag", str, "the channel's tag")
+        if not tag or tag in channels:
+            c.fail("tag", f"a unique non-empty tag, found {tag!r}")
+        class_name = c.get("class", str, "a class name", "default")
+        if class_name not in classes:
+            c.fail("class", f"one of the classes {', '.join(sorted(classes))}, found {class_name!r}")
+        qop = c.get("qop", str, f"one of {', '.join(sorted(QOP_MODES))}", "cft")
+        if qop not in QOP_MODES:
+            c.fail("qop", f"one of {', '.join(sorted(QOP_MODES))}, found {qop!r}")
+        try:
+            QOP_MODES[qop].check_cluster(len(replicas), faults)
+        except ConfigError as e:
+            c.fail("qop", f"a mode this cluster can run: {e}")
+        voter = c.get("voter", str, "a voter name", QOP_MODES[qop].default_voter())
+        if voter not in VOTERS:
+            c.fail("voter", f"one of {', '.join(sorted(VOTERS))}, found {voter!r}")
+        qos = classes[class_name]
+        if qos.ordering not in ORDERINGS:
+            c.fail(
+                "class",
+                f"a class whose ordering is one of {', '.join(sorted(ORDERINGS))}, "
+                f"class {class_name!r} asks for {qos.ordering!r}",
+            )
+        publishers = _names(c, "publishers")
+        subscribers = _names(c, "subscribers")
+        for who in (publishers | subscribers) - clients - {"*"}:
+            c.fail("publishers", f"names of [clients], found {who!r}")
+        channels[tag] = ChannelSpec(
+            tag,
+            c.get("topic", str, "a topic description", tag),
+            qos,
+            qop,
+            c.get("scheme", str, "a protection scheme name", "si"),
+            voter,
+            publishers,
+            subscribers,
+        )
+
+    folders = cluster.get("plugin_folders", list, "a list of folders", [])
+    if not all(isinstance(f, str) for f in folders):
+        cluster.fail("plugin_folders", "a list of folder paths (strings)")
+    folder = os.path.dirname(os.path.abspath(path))
+    keys_dir = cluster.get("keys_dir", str, "a folder with the cluster's keys", None)
+    return ClusterConfig(
+        path=path,
+        name=name,
+        faults=faults,
+        replicas=tuple(replicas),
+        clients=clients,
+        default_client=default_client,
+        classes=classes,
+        channels=channels,
+        plugin_folders=tuple(os.path.join(folder, f) for f in folders),
+        max_clock_skew=cluster.get("max_clock_skew", float, "seconds", 300.0),
+        keys_dir=os.path.join(folder, keys_dir) if keys_dir else None,
+        tls=cluster.get("tls", bool, "true or false", False),
+    )
+
+
+def load_config(path):
+    """
+    Read and validate the cluster file at C{path}.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, expected a cluster TOML file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    return parse_config(path, data)

@@ -1,0 +1,177 @@
+"""
+The seams of FIT Broker, in one place.
+
+Every per-channel component (QoS class, QoP mode, ordering protocol, voter,
+protection scheme) is chosen by name from configuration and implements one of
+these interfaces.  Implementations are plain objects: none of them performs
+I/O or reads a clock, they receive times as ``now`` arguments, and all of them
+are used from the reactor thread only.
+
+Events travel as *wire tuples* on every hot path, in the field order of
+L{fit_broker.units.EVENT_FIELDS}::
+
+    (publisher, event_id, timestamp, ttl, urgency, content, protection)
+
+so that a batch decodes into tuples once and is never re-wrapped per event.
+"""
+
+from zope.interface import Attribute, Interface
+
+
+class IQoSClass(Interface):
+    """
+    A channel's quality of service: urgency levels, ordering, persistence.
+    """
+
+    name = Attribute("The class name used in the control table.")
+    urgency_levels = Attribute("Number of urgency levels; 0 is the least urgent.")
+    ordering = Attribute("Name of the ordering protocol: 'none', 'channel' or 'global'.")
+    capacity = Attribute("Events each subscriber's output queue holds at most.")
+    ttl = Attribute("Default and maximum time to live of an event, in seconds.")
+    overflow = Attribute("'drop-oldest' or 'drop-newest': what a full queue discards.")
+
+    def effective_ttl(requested):
+        """
+        Return the TTL an event gets: C{requested} capped at L{ttl}, or L{ttl}
+        when C{requested} is 0 or negative.
+        """
+
+
+class IQoPMode(Interface):
+    """
+    A channel's fault model: how many replicas must acknowledge a publish and
+    which voters a subscriber may use.
+    """
+
+    name = Attribute("'cft' or 'bft'.")
+
+    def check_cluster(replicas, faults):
+        """
+        Raise L{fit_broker.errors.ConfigError} unless C{replicas} replicas can
+        tolerate C{faults} faults in this mode.
+        """
+
+    def acks_needed(replicas, faults):
+        """
+        Return how many replicas must accept a publish before the publisher is
+        told it succeeded.
+        """
+
+    def default_voter():
+        """
+        Return the name of the voter subscribers use unless the channel names one.
+        """
+
+
+class IOrderingProtocol(Interface):
+    """
+    Decides in which order a replica appends published batches to a channel.
+
+    A protocol is fed batches and protocol messages and answers with batches
+    that are ready to be appended, in order, and messages to send to peers.
+    """
+
+    name = Attribute("'none', 'channel' or 'global'.")
+
+    def submit(channel, batch, now):
+        """
+        Offer a batch (a list of wire tuples) that a publisher sent.
+
+        @return: a list of C{(channel, batch)} pairs ready to be appended now.
+        """
+
+
+class IVoter(Interface):
+    """
+    Combines the copies of events that replicas send to one subscriber.
+
+    A voter never delivers an event twice, never delivers one whose TTL has
+    passed, and keeps its memory of pending copies within a bound.
+    """
+
+    name = Attribute("The voter's name, as configuration chooses it.")
+    counters = Attribute("A dict of reason -> number of copies dropped.")
+
+    def offer(replica, events, now):
+        """
+        Take a batch of wire tuples that replica number C{replica} sent.
+
+        @return: the list of wire tuples that are now decided, in arrival
+            order; each is returned once in the voter's lifetime.
+        """
+
+    def expire(now):
+        """
+        Drop pending copies whose TTL has passed, counting them.
+        """
+
+
+class IProtectionScheme(Interface):
+    """
+    How events of a channel are authenticated (and perhaps encrypted).
+
+    Schemes are Twisted plugins: providers of this interface found by
+    C{twisted.plugin.getPlugins(IProtectionScheme, fit_broker.schemes)}.
+    A scheme works on whole batches so that a MAC, signature or key schedule
+    is paid once per batch and not once per event.
+    """
+
+    name = Attribute("The name channels use to select this scheme.")
+    subscriber_verifiable = Attribute(
+        "True when a subscriber can check an event on its own (signatures), "
+        "so a signature-checking voter may deliver a single verified copy."
+    )
+
+    def protect(keys, channel, events):
+        """
+        Publisher side: return C{(events, batch_proof)} where C{events} are
+        the wire tuples with their protection field filled and
+        C{batch_proof} is the bytes sent once with the batch.
+        """
+
+    def check_batch(keys, channel, publisher, events, batch_proof):
+        """
+        Replica side: return C{None} when the batch is authentic for this
+        replica, or a short reason string (which the replica counts and logs).
+        """
+
+    def check_event(keys, channel, event):
+        """
+        Subscriber side: return C{None} when C{event} verifies on its own, or
+        a reason string.  Schemes that are not subscriber-verifiable return
+        C{None}; the voter's quorum protects their events.
+        """
+
+    def open(keys, channel, event):
+        """
+        Subscriber side: return the event's plaintext content.
+        """
+
+
+class IKeyRing(Interface):
+    """
+    The secrets and public keys one party (replica or client) holds.
+    """
+
+    identity = Attribute("The party's name: a client name or 'replica-N'.")
+
+    def mac_key(publisher, replica):
+        """
+        Return the MAC key C{publisher} shares with replica number
+        C{replica}, or C{None} when this party does not hold it.
+        """
+
+    def signing_key(publisher):
+        """
+        Return C{publisher}'s Ed25519 private key, or C{None}.
+        """
+
+    def verify_key(publisher):
+        """
+        Return C{publisher}'s Ed25519 public key, or C{None}.
+        """
+
+    def channel_key(channel):
+        """
+        Return the symmetric key of C{channel}, or C{None}.
+        """

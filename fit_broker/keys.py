@@ -1,0 +1,429 @@
+"""
+The secrets one party holds, and the key files that carry them.
+
+Each party (replica or client) gets a directory of its own so that an
+operator can copy exactly that directory to the host that runs it; see
+L{fit_broker.pki.write_cluster_material} for the whole layout.  A party's
+directory holds:
+
+    party.json          identity, cluster name, replica index (public)
+    mac-keys.json       MAC keys shared between a publisher and a replica (0600)
+    verify-keys.json    Ed25519 public keys of every publisher (public)
+    signing.key         the client's Ed25519 private key, PKCS#8 PEM (0600)
+    channel-keys.json   symmetric keys of the client's channels (0600)
+
+Secrets are base64 in JSON: small, diffable, and readable by any tool.
+"""
+
+import base64
+import binascii
+import json
+import os
+import re
+import secrets
+import stat
+
+import attrs
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from zope.interface import implementer
+
+from fit_broker.errors import ConfigError
+from fit_broker.interfaces import IKeyRing
+
+PARTY_FILE = "party.json"
+MAC_KEYS_FILE = "mac-keys.json"
+VERIFY_KEYS_FILE = "verify-keys.json"
+SIGNING_KEY_FILE = "signing.key"
+CHANNEL_KEYS_FILE = "channel-keys.json"
+
+REPLICAS_DIR = "replicas"
+CLIENTS_DIR = "clients"
+
+MAC_KEY_SIZE = 32
+CHANNEL_KEY_SIZE = 32
+
+_REPLICA_NAME = re.compile(r"replica-(0|[1-9][0-9]{0,5})\Z")
+# A client name is one DNS label, so that it fits in a certificate's DNS SAN.
+_CLIENT_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+
+
+def replica_identity(index):
+    """
+    Return the identity of replica number C{index}.
+    """
+    return f"replica-{index}"
+
+
+def replica_index_of(identity):
+    """
+    Return the index of replica C{identity}, or C{None} for a client name.
+    """
+    match = _REPLICA_NAME.match(identity)
+    return int(match.group(1)) if match else None
+
+
+def check_client_name(name):
+    """
+    Raise L{ConfigError} unless C{name} can name a client: one lowercase DNS
+    label that does not look like a replica's identity.
+    """
+    if not isinstance(name, str) or not _CLIENT_NAME.match(name):
+        raise ConfigError(
+            f"client name {name!r}: expected one lowercase DNS label "
+            "(a-z, 0-9 and '-', at most 63 characters)"
+        )
+    if name.startswith("replica-"):
+        raise ConfigError(f"client name {name!r}: names starting 'replica-' are for replicas")
+
+
+def party_directory(directory, identity):
+    """
+    Return the directory of C{identity} inside the cluster material directory
+    C{directory}.
+    """
+    sub = REPLICAS_DIR if replica_index_of(identity) is not None else CLIENTS_DIR
+    return os.path.join(directory, sub, identity)
+
+
+def _secret_repr(value):
+    return f"<{len(value)} keys>"
+
+
+@implementer(IKeyRing)
+@attrs.define(eq=False)
+class KeyRing:
+    """
+    The secrets and public keys one party holds.
+
+    Secrets never appear in the repr, so a key ring can be logged.
+
+    @ivar replica_index: the replica's number, or C{None} for a client.
+    @ivar mac_keys: C{(publisher, replica index) -> bytes}.
+    @ivar signing_keys: publisher -> Ed25519 private key it may sign as.
+    @ivar verify_keys: publisher -> Ed25519 public key.
+    @ivar channel_keys: channel -> symmetric key.
+    """
+
+    identity: str
+    replica_index: int | None = None
+    mac_keys: dict = attrs.field(factory=dict, repr=_secret_repr)
+    signing_keys: dict = attrs.field(factory=dict, repr=_secret_repr)
+    verify_keys: dict = attrs.field(factory=dict, repr=_secret_repr)
+    channel_keys: dict = attrs.field(factory=dict, repr=_secret_repr)
+
+    def mac_key(self, publisher, replica):
+        return self.mac_keys.get((publisher, replica))
+
+    def signing_key(self, publisher):
+        return self.signing_keys.get(publisher)
+
+    def verify_key(self, publisher):
+        return self.verify_keys.get(publisher)
+
+    def channel_key(self, channel):
+        return self.channel_keys.get(channel)
+
+
+def generate_keyrings(replicas, clients, channels):
+    """
+    Make fresh secrets for a cluster and return C{identity -> KeyRing} for
+    every replica and client.
+
+    Every client may publish, so every client has a signing key and MAC keys
+    with every replica.  A client gets the keys of the channels that list it;
+    replicas never get channel keys, so they route PKE content blind.
+
+    @param channels: channel -> names of the clients allowed on it.
+    """
+    if not isinstance(replicas, int) or replicas < 1:
+        raise ConfigError(f"replicas: expected a positive integer, got {replicas!r}")
+    clients = list(clients)
+    for name in clients:
+        check_client_name(name)
+    if len(set(clients)) != len(clients):
+        raise ConfigError(f"clients: names must be unique, got {clients!r}")
+    for channel, allowed in channels.items():
+        unknown = sorted(set(allowed) - set(clients))
+        if unknown:
+            raise ConfigError(f"channel {channel!r}: unknown clients {unknown}")
+
+    signing = {name: Ed25519PrivateKey.generate() for name in clients}
+    verify = {name: key.public_key() for name, key in signing.items()}
+    macs = {
+        (name, r): secrets.token_bytes(MAC_KEY_SIZE) for name in clients for r in range(replicas)
+    }
+    channel_keys = {channel: secrets.token_bytes(CHANNEL_KEY_SIZE) for channel in channels}
+
+    rings = {}
+    for r in range(replicas):
+        identity = replica_identity(r)
+        rings[identity] = KeyRing(
+            identity=identity,
+            replica_index=r,
+            mac_keys={(name, r): macs[name, r] for name in clients},
+            verify_keys=dict(verify),
+        )
+    for name in clients:
+        rings[name] = KeyRing(
+            identity=name,
+            mac_keys={(name, r): macs[name, r] for r in range(replicas)},
+            signing_keys={name: signing[name]},
+            verify_keys=dict(verify),
+            channel_keys={
+                channel: key for channel, key in channel_keys.items() if name in channels[channel]
+            },
+        )
+    return rings
+
+
+# Writing.
+
+
+def write_private_file(path, data):
+    """
+    Write C{data} to C{path} readable by its owner only, replacing the file
+    atomically so that a reader never sees half a key.
+    """
+    _write_file(path, data, 0o600)
+
+
+def write_public_file(path, data):
+    """
+    Write C{data} to C{path} readable by everyone.
+    """
+    _write_file(path, data, 0o644)
+
+
+def _write_file(path, data, mode):
+    tmp = f"{path}.tmp-{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            fd = None
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _b64(data):
+    return base64.b64encode(data).decode("ascii")
+
+
+def _json_bytes(value):
+    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def write_keyring(directory, keyring, cluster_name):
+    """
+    Write C{keyring}'s files into the party directory C{directory}, which
+    must exist.
+    """
+    party = {
+        "identity": keyring.identity,
+        "cluster": cluster_name,
+        "replica_index": keyring.replica_index,
+    }
+    write_public_file(os.path.join(directory, PARTY_FILE), _json_bytes(party))
+    macs = [
+        {"publisher": publisher, "replica": replica, "key": _b64(key)}
+        for (publisher, replica), key in sorted(keyring.mac_keys.items())
+    ]
+    write_private_file(os.path.join(directory, MAC_KEYS_FILE), _json_bytes({"mac_keys": macs}))
+    verify = {
+        name: _b64(key.public_bytes_raw()) for name, key in sorted(keyring.verify_keys.items())
+    }
+    write_public_file(
+        os.path.join(directory, VERIFY_KEYS_FILE), _json_bytes({"verify_keys": verify})
+    )
+    if keyring.signing_keys:
+        if list(keyring.signing_keys) != [keyring.identity]:
+            raise ConfigError(
+                f"{keyring.identity}: a key file holds only the party's own signing key"
+            )
+        pem = keyring.signing_keys[keyring.identity].private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        write_private_file(os.path.join(directory, SIGNING_KEY_FILE), pem)
+    if keyring.replica_index is None:
+        channels = {name: _b64(key) for name, key in sorted(keyring.channel_keys.items())}
+        write_private_file(
+            os.path.join(directory, CHANNEL_KEYS_FILE),
+            _json_bytes({"channel_keys": channels}),
+        )
+
+
+# Reading.
+
+
+def load_keyring(directory, identity, check_modes=True):
+    """
+    Read the key files of party C{identity}.
+
+    @param directory: the cluster material directory, or the party's own
+        directory (the one holding C{party.json}), as copied to its host.
+    @param check_modes: refuse secret files that group or others can read,
+        as ssh does, so that a careless copy is noticed.
+    @raise ConfigError: naming the file and what was expected, when a file
+        is missing or malformed.
+    """
+    own = os.path.join(directory, PARTY_FILE)
+    party_dir = directory if os.path.exists(own) else party_directory(directory, identity)
+    if not os.path.isdir(party_dir):
+        raise ConfigError(
+            f"{party_dir}: missing; expected the key directory of {identity!r} "
+            f"(or a directory holding its {PARTY_FILE})"
+        )
+
+    party = _read_json(party_dir, PARTY_FILE, "the party description", secret=False)
+    if party.get("identity") != identity:
+        raise ConfigError(
+            f"{os.path.join(party_dir, PARTY_FILE)}: identity is "
+            f"{party.get('identity')!r}, expected {identity!r}"
+        )
+    replica_index = replica_index_of(identity)
+    if party.get("replica_index") != replica_index:
+        raise ConfigError(
+            f"{os.path.join(party_dir, PARTY_FILE)}: replica_index is "
+            f"{party.get('replica_index')!r}, expected {replica_index!r}"
+        )
+
+    def secret(name, what):
+        return _read_json(party_dir, name, what, secret=True, check_modes=check_modes)
+
+    mac_keys = _parse_mac_keys(
+        os.path.join(party_dir, MAC_KEYS_FILE), secret(MAC_KEYS_FILE, "the MAC keys")
+    )
+    verify_keys = _parse_verify_keys(
+        os.path.join(party_dir, VERIFY_KEYS_FILE),
+        _read_json(party_dir, VERIFY_KEYS_FILE, "the publishers' verify keys", secret=False),
+    )
+    signing_keys = {}
+    channel_keys = {}
+    if replica_index is None:
+        signing_keys[identity] = _read_signing_key(
+            os.path.join(party_dir, SIGNING_KEY_FILE), check_modes
+        )
+        channel_keys = _parse_channel_keys(
+            os.path.join(party_dir, CHANNEL_KEYS_FILE),
+            secret(CHANNEL_KEYS_FILE, "the channel keys"),
+        )
+    return KeyRing(
+        identity=identity,
+        replica_index=replica_index,
+        mac_keys=mac_keys,
+        signing_keys=signing_keys,
+        verify_keys=verify_keys,
+        channel_keys=channel_keys,
+    )
+
+
+def _read_bytes(path, what, secret, check_modes):
+    try:
+        with open(path, "rb") as f:
+            if secret and check_modes:
+                mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+                if mode & 0o077:
+                    raise ConfigError(
+                        f"{path}: mode {mode:04o} lets others read {what}; expected 0600"
+                    )
+            return f.read()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: missing; expected {what} (written by fit_broker.pki.write_cluster_material)"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read {what}: {e.strerror}") from None
+
+
+def _read_json(party_dir, name, what, secret, check_modes=True):
+    path = os.path.join(party_dir, name)
+    data = _read_bytes(path, what, secret, check_modes)
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: expected {what} as JSON, but it does not parse: {e}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a JSON object holding {what}")
+    return value
+
+
+def _decode_key(path, where, value, size):
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}: {where}: expected a base64 string of {size} bytes")
+    try:
+        key = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{path}: {where}: expected base64, got {value[:16]!r}...") from None
+    if len(key) != size:
+        raise ConfigError(f"{path}: {where}: expected {size} bytes, got {len(key)}")
+    return key
+
+
+def _parse_mac_keys(path, value):
+    entries = value.get("mac_keys")
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: expected a 'mac_keys' list")
+    keys = {}
+    for n, entry in enumerate(entries):
+        where = f"mac_keys[{n}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: {where}: expected an object")
+        publisher = entry.get("publisher")
+        replica = entry.get("replica")
+        if not isinstance(publisher, str) or not publisher:
+            raise ConfigError(f"{path}: {where}.publisher: expected a client name")
+        if type(replica) is not int or replica < 0:
+            raise ConfigError(f"{path}: {where}.replica: expected a replica index")
+        keys[publisher, replica] = _decode_key(path, f"{where}.key", entry.get("key"), MAC_KEY_SIZE)
+    return keys
+
+
+def _parse_verify_keys(path, value):
+    entries = value.get("verify_keys")
+    if not isinstance(entries, dict):
+        raise ConfigError(f"{path}: expected a 'verify_keys' object of publisher -> key")
+    keys = {}
+    for name, raw in entries.items():
+        key = _decode_key(path, f"verify_keys.{name}", raw, 32)
+        try:
+            keys[name] = Ed25519PublicKey.from_public_bytes(key)
+        except ValueError as e:
+            raise ConfigError(f"{path}: verify_keys.{name}: not an Ed25519 public key: {e}") from None
+    return keys
+
+
+def _parse_channel_keys(path, value):
+    entries = value.get("channel_keys")
+    if not isinstance(entries, dict):
+        raise ConfigError(f"{path}: expected a 'channel_keys' object of channel -> key")
+    return {
+        name: _decode_key(path, f"channel_keys.{name}", raw, CHANNEL_KEY_SIZE)
+        for name, raw in entries.items()
+    }
+
+
+def _read_signing_key(path, check_modes):
+    data = _read_bytes(path, "an Ed25519 signing key", True, check_modes)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(
+            f"{path}: expected an unencrypted PKCS#8 PEM Ed25519 private key: {e}"
+        ) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"{path}: expected an Ed25519 private key, got {type(key).__name__}")
+    return key

@@ -1,0 +1,36 @@
+"""
+QoS classes: urgency levels, ordering, and the persistence bounds of queues.
+"""
+
+import attrs
+from zope.interface import implementer
+
+from fit_broker.interfaces import IQoSClass
+
+OVERFLOW_POLICIES = ("drop-oldest", "drop-newest")
+ORDERINGS = ("none", "channel", "global")
+
+
+@implementer(IQoSClass)
+@attrs.frozen
+class QoSClass:
+    """
+    A named class of service from the control table.
+
+    @ivar capacity: events each subscriber's queue holds; when full, the
+        overflow policy discards (and counts) one event per new one.
+    @ivar ttl: the longest life an event may have, in seconds, and the one
+        publishers give events unless they ask for less.
+    """
+
+    name: str
+    urgency_levels: int = 4
+    ordering: str = "none"
+    capacity: int = 10_000
+    ttl: float = 300.0
+    overflow: str = "drop-oldest"
+
+    def effective_ttl(self, requested):
+        if requested <= 0 or requested > self.ttl:
+            return self.ttl
+        return requested

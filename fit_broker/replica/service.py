@@ -1,0 +1,98 @@
+"""
+A replica as a Twisted service: the broker service behind a listening endpoint.
+"""
+
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from fit_broker.broker.service import BrokerService
+from fit_broker.replica.protocol import ReplicaFactory
+from fit_broker.wire.framing import DEFAULT_MAX_FRAME
+
+EXPIRY_INTERVAL = 1.0
+
+
+class Replica:
+    """
+    The state one replica process shares among its client connections.
+    """
+
+    log = Logger()
+
+    def __init__(self, config, index, clock, schemes, keys=None, identify=None):
+        """
+        @param identify: a callable from transport to the client name its TLS
+            certificate proves, or C{None} when links are not authenticated.
+        """
+        self.config = config
+        self.index = index
+        self.clock = clock
+        self.keys = keys
+        self.identify = identify
+        self.max_frame = DEFAULT_MAX_FRAME
+        self.broker = BrokerService(config, schemes, keys)
+        self.broker.on_ready = self._ready
+        self.streams = {}
+        self.counters = {}
+
+    def count(self, reason):
+        self.counters[reason] = self.counters.get(reason, 0) + 1
+
+    def admit(self, name, transport):
+        """
+        Return why client C{name} may not connect, or C{None}.
+        """
+        if type(name) is not str or name not in self.config.clients:
+            return f"unknown client {name!r}: the control table does not name it"
+        if self.identify is not None:
+            proven = self.identify(transport)
+            if proven != name:
+                return f"client says it is {name!r} but its certificate says {proven!r}"
+        return None
+
+    def describe(self):
+        return {"replica": self.index, "cluster": self.config.name}
+
+    def handle(self, client, request):
+        return self.broker.handle(client, request, self.clock.seconds())
+
+    def add_stream(self, tag, protocol):
+        self.streams.setdefault(tag, set()).add(protocol)
+
+    def remove_stream(self, tag, protocol):
+        streams = self.streams.get(tag)
+        if streams is not None:
+            streams.discard(protocol)
+
+    def _ready(self, tag):
+        for protocol in self.streams.get(tag, ()):
+            protocol.schedule_flush()
+
+    def expire(self):
+        self.broker.expire(self.clock.seconds())
+
+    def snapshot(self):
+        return {"connections": dict(self.counters), **self.broker.snapshot()}
+
+
+def make_replica_service(config, index, reactor, schemes, keys=None, endpoint=None, identify=None):
+    """
+    Return a service running replica C{index} of C{config}.
+
+    @param endpoint: a server endpoint to use instead of the configured one
+        (the embedded cluster passes TLS endpoints).
+    """
+    replica = Replica(config, index, reactor, schemes, keys, identify)
+    top = MultiService()
+    top.setName(f"replica-{index}")
+    if endpoint is None:
+        endpoint = serverFromString(reactor, config.replicas[index].listen)
+    listener = StreamServerEndpointService(endpoint, ReplicaFactory(replica))
+    listener.setServiceParent(top)
+    expiry = TimerService(EXPIRY_INTERVAL, replica.expire)
+    expiry.clock = reactor
+    expiry.setServiceParent(top)
+    top.replica = replica
+    return top

@@ -1,0 +1,82 @@
+"""
+C{twistd fitbroker}: run one replica of a cluster, or the embedded local cluster.
+"""
+
+from twisted.python import usage
+
+from fit_broker.config import load_config
+from fit_broker.errors import ConfigError
+
+_TWISTD_DEFAULT_PIDFILE = "twistd.pid"
+_TWISTD_DEFAULT_LOGFILE = None
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE --replica-id N]"
+    longdesc = (
+        "Run replica N of the cluster that FILE describes. With no options, "
+        "run an embedded local cluster of 4 replicas for a first try, and write "
+        "its client configuration to ./fitbroker-local/."
+    )
+    optParameters = [
+        ["config", "c", None, "The cluster's TOML file."],
+        ["replica-id", "i", None, "This replica's index in the file's [[replicas]], from 0."],
+    ]
+
+    def postOptions(self):
+        config_path, replica = self["config"], self["replica-id"]
+        if (config_path is None) != (replica is None):
+            raise usage.UsageError("--config and --replica-id go together")
+        if config_path is None:
+            self["cluster"] = None
+            self._default_twistd_files("fitbroker-local")
+            return
+        try:
+            cluster = load_config(config_path)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        try:
+            index = int(replica)
+        except ValueError:
+            raise usage.UsageError(f"--replica-id: expected an integer, found {replica!r}") from None
+        if not 0 <= index < len(cluster.replicas):
+            raise usage.UsageError(
+                f"--replica-id: {config_path} has replicas 0 to {len(cluster.replicas) - 1}, "
+                f"found {index}"
+            )
+        self["cluster"] = cluster
+        self["replica-id"] = index
+        self._default_twistd_files(f"fitbroker-{cluster.name}-replica-{index}")
+
+    def _default_twistd_files(self, stem):
+        """
+        Give each replica its own pid and log file unless the user chose, so
+        that several replicas started from one folder do not trip over each
+        other.
+        """
+        parent = self.parent
+        if parent is None:
+            return
+        if parent.get("pidfile") == _TWISTD_DEFAULT_PIDFILE:
+            parent["pidfile"] = f"{stem}.pid"
+        if "logfile" in parent and parent["logfile"] is _TWISTD_DEFAULT_LOGFILE and not parent.get("nodaemon"):
+            parent["logfile"] = f"{stem}.log"
+
+
+def makeService(options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    from fit_broker.errors import FitBrokerError
+    from fit_broker.local import make_local_cluster
+    from fit_broker.replica.service import make_replica_service
+    from fit_broker.schemes.registry import scheme_lookup
+
+    cluster = options["cluster"]
+    try:
+        if cluster is None:
+            return make_local_cluster(reactor)
+        return make_replica_service(
+            cluster, options["replica-id"], reactor, scheme_lookup(cluster)
+        )
+    except FitBrokerError as e:
+        raise SystemExit(f"fitbroker: {e}") from None

@@ -1,0 +1,3 @@
+"""
+The wire protocol: length-prefixed frames carrying versioned msgpack messages.
+"""
