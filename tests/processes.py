@@ -1,0 +1,154 @@
+"""
+Real replica processes on 127.0.0.1 for integration tests.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_ports(count):
+    sockets = []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def twistd():
+    found = shutil.which("twistd", path=os.path.dirname(sys.executable))
+    return [found] if found else [sys.executable, "-m", "twisted"]
+
+
+def write_cluster(folder, channels, replicas=4, faults=1, capacity=100_000, ttl=300):
+    ports = free_ports(replicas)
+    lines = [
+        "[cluster]",
+        'name = "it"',
+        f"faults = {faults}",
+        'default_client = "probe"',
+        "",
+    ]
+    for port in ports:
+        lines += [
+            "[[replicas]]",
+            f'listen = "tcp:{port}:interface=127.0.0.1"',
+            f'connect = "tcp:127.0.0.1:{port}"',
+            "",
+        ]
+    lines += [
+        "[clients.probe]",
+        "[clients.console]",
+        "",
+        "[classes.big]",
+        f"capacity = {capacity}",
+        f"ttl = {ttl}",
+        "",
+    ]
+    for tag in channels:
+        lines += [
+            "[[channels]]",
+            f'tag = "{tag}"',
+            'class = "big"',
+            'publishers = ["probe"]',
+            'subscribers = ["console", "probe"]',
+            "",
+        ]
+    path = os.path.join(folder, "cluster.toml")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path, ports
+
+
+class ReplicaProcesses:
+    """
+    Replicas of a cluster file, each a `twistd -n fitbroker` process.
+    """
+
+    def __init__(self, folder, config_path, ports):
+        self.folder = folder
+        self.config_path = config_path
+        self.ports = ports
+        self.processes = {}
+
+    def env(self):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def start(self, index):
+        out = open(os.path.join(self.folder, f"replica-{index}.out"), "ab")
+        self.processes[index] = subprocess.Popen(
+            twistd() + ["-n", "fitbroker", "--config", self.config_path, "--replica-id", str(index)],
+            cwd=self.folder,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=self.env(),
+        )
+        out.close()
+
+    def start_all(self, timeout=20):
+        for index in range(len(self.ports)):
+            self.start(index)
+        for port in self.ports:
+            wait_for_port(port, timeout)
+
+    def signal(self, index, sig):
+        self.processes[index].send_signal(sig)
+
+    def stop_all(self):
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+                process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def output(self, index):
+        with open(os.path.join(self.folder, f"replica-{index}.out"), "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+
+def wait_for_port(port, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def loadgen(role, *args, **kwargs):
+    """
+    Start a load generator process (see benchmarks/loadgen.py).
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.loadgen", role, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        **kwargs,
+    )
+
+
+def read_history(path):
+    with open(path) as f:
+        return [tuple(line.split()) for line in f if line.strip()]

@@ -1,0 +1,110 @@
+"""
+The fitbroker command line against real replica processes, and its errors.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.processes import ROOT, ReplicaProcesses, write_cluster
+
+pytestmark = pytest.mark.integration
+
+
+def fitbroker(*args, cwd=ROOT, stdin=None, timeout=60):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from fit_broker.cli import main; sys.exit(main())", *args],
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def one_line_error(result, *fragments):
+    assert result.returncode != 0
+    err = result.stderr.decode()
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("cli"))
+    path, ports = write_cluster(folder, ["events", "alerts"])
+    replicas = ReplicaProcesses(folder, path, ports)
+    replicas.start_all()
+    yield replicas
+    replicas.stop_all()
+
+
+def test_publish_then_tail(cluster):
+    """Published messages and stdin lines come out of tail as JSON objects with the documented keys."""
+    config = cluster.config_path
+    tail = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from fit_broker.cli import main; sys.exit(main())",
+         "tail", "--config", config, "--as", "console", "--count", "4", "events"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    assert b"subscribed" in tail.stderr.readline()
+    assert fitbroker("publish", "--config", config, "events", "one", "two").returncode == 0
+    result = fitbroker("publish", "--config", config, "--urgency", "2", "events", stdin=b"three\n\xff\xfe\n")
+    assert result.returncode == 0, result.stderr
+    out, _ = tail.communicate(timeout=30)
+    records = [json.loads(line) for line in out.decode().splitlines()]
+    assert [r["content"] for r in records[:3]] == ["one", "two", "three"]
+    assert records[3]["content"] is None and records[3]["content_b64"] == "//4="
+    for record in records:
+        assert set(record) >= {"channel", "publisher", "event_id", "timestamp", "urgency", "content"}
+        assert record["channel"] == "events" and record["publisher"] == "probe"
+    assert records[2]["urgency"] == 2
+
+
+def test_status(cluster):
+    """status prints every reachable replica's counters."""
+    result = fitbroker("status", "--config", cluster.config_path)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert "events" in info["replica-0"]["channels"]
+
+
+def test_unknown_channel(cluster):
+    """An unknown channel is one line naming the file and the channels that exist."""
+    one_line_error(fitbroker("publish", "--config", cluster.config_path, "nope", "x"), "no channel 'nope'", "events")
+
+
+def test_unauthorised_client(cluster):
+    """A client the control table does not authorise is told so in one line."""
+    one_line_error(
+        fitbroker("publish", "--config", cluster.config_path, "--as", "console", "events", "x"),
+        "does not let this client publish to 'events'",
+    )
+    one_line_error(
+        fitbroker("tail", "--config", cluster.config_path, "--as", "mallory", "events"),
+        "no client 'mallory'",
+    )
+
+
+def test_missing_and_invalid_config(tmp_path):
+    """A missing default configuration and an invalid file are each one clear line."""
+    one_line_error(fitbroker("tail", "events", cwd=str(tmp_path)), "twistd -n fitbroker")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[cluster]\nfaults = -1\n")
+    one_line_error(fitbroker("tail", "--config", str(bad), "events"), str(bad), "cluster.faults")
+
+
+def test_no_replica_reachable(tmp_path):
+    """With no replica running, the command says what it tried and exits non-zero."""
+    path, _ = write_cluster(str(tmp_path), ["events"])
+    env_timeout = fitbroker("publish", "--config", path, "events", "x", timeout=60)
+    one_line_error(env_timeout, "cannot reach the cluster", "0 of 4 replicas reachable", "is the cluster running?")
