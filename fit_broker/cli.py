@@ -212,12 +212,17 @@ async def _status(reactor, args):
 
     config, client = _load(args)
     session = await _connect(reactor, config, client)
-    replies = {}
+    proxy = session.proxy
+    replies = {f"replica-{index}": "unreachable" for index in range(len(config.replicas))}
     try:
-        request = Request(session.proxy.next_seq(), units.STATUS)
-        await session.proxy.invoke(
+        try:
+            await proxy.wait_for_links(len(config.replicas), 2.0)
+        except FitBrokerError:
+            pass
+        request = Request(proxy.next_seq(), units.STATUS)
+        await proxy.invoke(
             request,
-            len(session.proxy.links),
+            len(proxy.links),
             timeout=CONNECT_TIMEOUT,
             retry=False,
             observe=lambda index, reply: replies.__setitem__(f"replica-{index}", reply.info),

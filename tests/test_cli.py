@@ -75,7 +75,9 @@ def test_status(cluster):
     result = fitbroker("status", "--config", cluster.config_path)
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
-    assert "events" in info["replica-0"]["channels"]
+    assert sorted(info) == [f"replica-{i}" for i in range(4)]
+    for replica in info.values():
+        assert "events" in replica["channels"]
 
 
 def test_unknown_channel(cluster):
