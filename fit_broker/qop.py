@@ -30,3 +30,33 @@ class CrashFaultTolerant:
 
     def default_voter(self):
         return "first-copy"
+
+
+@implementer(IQoPMode)
+class ByzantineFaultTolerant:
+    """
+    BFT: up to f replicas may lie.  Needs n >= 3f+1 replicas.
+
+    A publish is acknowledged after 2f+1 replicas accepted it: of those, at
+    least f+1 are correct, and any f+1 correct replicas are enough for every
+    subscriber to collect f+1 matching copies even if the f faulty ones
+    withhold theirs (f+1 acknowledgements could all but one come from liars;
+    2f+1 also matches the quorum an ordering protocol needs).  A subscriber's
+    voter delivers an event once f+1 replicas sent identical copies, since f
+    liars cannot agree on a forgery alone.
+    """
+
+    name = "bft"
+
+    def check_cluster(self, replicas, faults):
+        if replicas < 3 * faults + 1:
+            raise ConfigError(
+                f"BFT needs n >= 3f+1 = {3 * faults + 1} replicas to tolerate {faults} "
+                f"Byzantine replica(s), the cluster has {replicas}"
+            )
+
+    def acks_needed(self, replicas, faults):
+        return 2 * faults + 1
+
+    def default_voter(self):
+        return "f-plus-one"

@@ -11,13 +11,18 @@ from twisted.test import iosim
 from zope.interface import implementer
 
 from fit_broker.client.session import open_session
+from fit_broker.keys import generate_keyrings, replica_identity
 from fit_broker.config import parse_config
 from fit_broker.replica.protocol import ReplicaProtocol
 from fit_broker.replica.service import Replica
 from fit_broker.schemes.registry import scheme_lookup
+from tests.byzantine import ByzantineReplicaProtocol
 
 
-def cluster_config(channels=("events",), replicas=4, faults=1, clients=("probe", "console"), **qos):
+def cluster_config(
+    channels=("events",), replicas=4, faults=1, clients=("probe", "console"), qop="cft",
+    scheme="si", voter=None, **qos
+):
     """
     Return a L{ClusterConfig} for tests: C{channels} each with class C{qos}.
     """
@@ -33,6 +38,9 @@ def cluster_config(channels=("events",), replicas=4, faults=1, clients=("probe",
             {
                 "tag": tag,
                 "class": "test",
+                "qop": qop,
+                "scheme": scheme,
+                **({"voter": voter} if voter else {}),
                 "publishers": list(clients),
                 "subscribers": list(clients),
             }
@@ -52,7 +60,11 @@ class _SimEndpoint:
         if self.index in self.net.down:
             return fail(ConnectionRefusedError("replica down"))
         client = factory.buildProtocol(None)
-        server = ReplicaProtocol(self.net.replicas[self.index])
+        behaviour = self.net.faulty.get(self.index)
+        if behaviour is None:
+            server = ReplicaProtocol(self.net.replicas[self.index])
+        else:
+            server = ByzantineReplicaProtocol(self.net.replicas[self.index], behaviour)
         client_transport = iosim.FakeTransport(client, isServer=False)
         server_transport = iosim.FakeTransport(server, isServer=True)
         pump = iosim.connect(server, server_transport, client, client_transport, greet=False)
@@ -68,21 +80,39 @@ class SimNet:
     @ivar down: replicas that refuse connections (killed).
     """
 
-    def __init__(self, config, clock=None):
+    def __init__(self, config, clock=None, faulty=None, keys=False):
+        """
+        @param faulty: replica index -> a Byzantine behaviour (see
+            L{tests.byzantine}) that rewrites what that replica sends.
+        @param keys: generate key rings for every party (HA, PKS, PKE).
+        """
         self.config = config
         self.clock = clock or Clock()
         self.clock.advance(1_800_000_000)
         self.schemes = scheme_lookup(config)
-        self.replicas = [
-            Replica(config, i, self.clock, self.schemes) for i in range(len(config.replicas))
-        ]
+        self.faulty = dict(faulty or {})
+        self.keyrings = {}
+        if keys:
+            self.keyrings = generate_keyrings(
+                len(config.replicas),
+                sorted(config.clients),
+                {tag: sorted(spec.publishers | spec.subscribers) for tag, spec in config.channels.items()},
+            )
+        self.replicas = [self._replica(i) for i in range(len(config.replicas))]
         self.pumps = []
         self.down = set()
         self.paused = set()
 
+    def _replica(self, index):
+        return Replica(
+            self.config, index, self.clock, self.schemes, self.keyrings.get(replica_identity(index))
+        )
+
     def client(self, name, **options):
         endpoints = [_SimEndpoint(self, i) for i in range(len(self.replicas))]
-        session = open_session(self.config, name, self.clock, endpoints=endpoints, **options)
+        session = open_session(
+            self.config, name, self.clock, keys=self.keyrings.get(name), endpoints=endpoints, **options
+        )
         self.run()
         return session
 
@@ -125,9 +155,7 @@ class SimNet:
                 self.pumps.remove((i, pump))
         self.paused.discard(index)
         # a restarted replica remembers nothing of memory channels
-        self.replicas[index] = Replica(
-            self.config, index, self.clock, self.schemes
-        )
+        self.replicas[index] = self._replica(index)
 
     def restart(self, index):
         self.down.discard(index)

@@ -65,7 +65,7 @@ def test_good_file(tmp_path):
         ('capacity = 5', 'capacity = 0', r"\[classes.fast.capacity\]: expected a positive integer, found 0"),
         ('class = "fast"', 'class = "slow"', r"\[channels\[0\].class\]: expected one of the classes"),
         ('publishers = ["probe"]', 'publishers = ["mallory"]', r"found 'mallory'"),
-        ('tag = "events"', 'tag = "events"\nqop = "paxos"', r"\[channels\[0\].qop\]: expected one of cft"),
+        ('tag = "events"', 'tag = "events"\nqop = "paxos"', r"\[channels\[0\].qop\]: expected one of bft, cft"),
         ('ttl = 10', 'ttl = 10\ncolour = "red"', r"\[classes.fast.colour\]: expected one of the keys"),
         ('default_client = "probe"', 'default_client = "ghost"', r"default_client\]: expected a client"),
     ],

@@ -26,10 +26,18 @@ def test_qop_modes(name):
     assert mode.default_voter() in VOTERS
 
 
+class _Verifiable:
+    name = "verifiable"
+    subscriber_verifiable = True
+
+    def check_event(self, keys, channel, event):
+        return None
+
+
 @pytest.mark.parametrize("name", sorted(VOTERS))
 def test_voters(name):
     """Every voter provides IVoter."""
-    assert verifyObject(IVoter, VOTERS[name](1))
+    assert verifyObject(IVoter, VOTERS[name](faults=1, scheme=_Verifiable(), channel="c"))
 
 
 @pytest.mark.parametrize("name", sorted(ORDERINGS))
@@ -42,6 +50,17 @@ def test_orderings(name):
 def test_schemes(name):
     """Every protection scheme found as a plugin provides IProtectionScheme."""
     assert verifyObject(IProtectionScheme, available_schemes()[name])
+
+
+def test_bft_quorum():
+    """BFT acknowledges after 2f+1 replicas and needs n >= 3f+1."""
+    from fit_broker.errors import ConfigError
+
+    bft = QOP_MODES["bft"]
+    assert bft.acks_needed(4, 1) == 3 and bft.default_voter() == "f-plus-one"
+    bft.check_cluster(4, 1)
+    with pytest.raises(ConfigError, match="n >= 3f\\+1 = 4 replicas to tolerate 1"):
+        bft.check_cluster(3, 1)
 
 
 def test_cft_quorum():

@@ -18,6 +18,7 @@ class Session:
     subscriber: Subscriber
 
     def stop(self):
+        self.subscriber.stop()
         self.proxy.stop()
 
 

@@ -3,6 +3,7 @@ Receiving events: streams with flow control, and pulls.
 """
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from fit_broker import units
@@ -11,6 +12,7 @@ from fit_broker.errors import FitBrokerError, RequestFailed
 from fit_broker.units import CONTENT, Event, Request
 
 DEFAULT_CREDIT = 2000
+VOTER_EXPIRY_INTERVAL = 1.0
 
 
 class _Stream:
@@ -48,6 +50,7 @@ class Subscriber:
         self.voters = {}
         self._streams = {}
         self._pulled = {}
+        self._expiry = None
         proxy.on_delivery = self._delivery
         proxy.on_link_up.append(self._link_up)
 
@@ -67,8 +70,28 @@ class Subscriber:
         voter = self.voters.get(tag)
         if voter is None:
             spec = self.config.channels[tag]
-            voter = self.voters[tag] = VOTERS[spec.voter](self.config.faults)
+            voter = self.voters[tag] = VOTERS[spec.voter](
+                faults=self.config.faults,
+                scheme=self.schemes(spec.scheme),
+                keys=self.keys,
+                channel=tag,
+                replicas=len(self.config.replicas),
+            )
+            if self._expiry is None:
+                self._expiry = LoopingCall(self._expire)
+                self._expiry.clock = self.clock
+                self._expiry.start(VOTER_EXPIRY_INTERVAL, now=False)
         return voter
+
+    def _expire(self):
+        now = self.clock.seconds()
+        for voter in self.voters.values():
+            voter.expire(now)
+
+    def stop(self):
+        if self._expiry is not None and self._expiry.running:
+            self._expiry.stop()
+        self._expiry = None
 
     def subscribe(self, tag, callback=None, resume=False):
         """

@@ -62,4 +62,9 @@ def scheme_lookup(config):
                 f"{config.path}: channel {tag!r} names protection scheme {spec.scheme!r}, "
                 f"which no plugin provides; available: {', '.join(sorted(found))}"
             )
+        if spec.voter == "signature" and not found[spec.scheme].subscriber_verifiable:
+            raise UnknownComponent(
+                f"{config.path}: channel {tag!r} uses the signature voter, which needs a scheme "
+                f"subscribers can verify (such as pks or pke), not {spec.scheme!r}"
+            )
     return found.__getitem__

@@ -1,0 +1,160 @@
+"""
+Byzantine replicas for tests: a replica whose outgoing frames are rewritten
+by a behaviour, while it runs the real broker service underneath.
+
+A behaviour is a callable C{(protocol, message) -> list of messages or raw
+bytes} applied to each L{Delivery} and L{Reply} the replica would send.
+"""
+
+import random
+
+from fit_broker.units import Delivery, Reply
+from fit_broker.wire.codec import decode, encode_delivery, encode_reply
+from fit_broker.replica.protocol import ReplicaProtocol
+
+
+class _Rewriting:
+    def __init__(self, protocol, transport, behaviour):
+        self._protocol = protocol
+        self._transport = transport
+        self._behaviour = behaviour
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def write(self, data):
+        message = decode(data[4:])
+        for out in self._behaviour(self._protocol, message):
+            if isinstance(out, bytes):
+                self._transport.write(out)
+            elif isinstance(out, Delivery):
+                self._transport.write(encode_delivery(out.channel, out.events))
+            else:
+                self._transport.write(encode_reply(out))
+
+    def writeSequence(self, data):
+        for piece in data:
+            self.write(piece)
+
+
+class ByzantineReplicaProtocol(ReplicaProtocol):
+    def __init__(self, replica, behaviour):
+        super().__init__(replica)
+        self.behaviour = behaviour
+
+    def makeConnection(self, transport):
+        super().makeConnection(_Rewriting(self, transport, self.behaviour))
+
+
+def _deliveries(rewrite):
+    """
+    Make a behaviour that rewrites deliveries and passes replies unchanged.
+    """
+
+    def behaviour(protocol, message):
+        if isinstance(message, Delivery):
+            return rewrite(protocol, message)
+        return [message]
+
+    return behaviour
+
+
+def _with(event, **changes):
+    fields = list(event)
+    for index, name in enumerate(("publisher", "event_id", "timestamp", "ttl", "urgency", "content", "protection")):
+        if name in changes:
+            fields[index] = changes[name]
+    return tuple(fields)
+
+
+@_deliveries
+def alter(protocol, delivery):
+    """Change the content of every event."""
+    return [Delivery(delivery.channel, tuple(_with(e, content=b"EVIL" + e[5]) for e in delivery.events))]
+
+
+def forge_events(counter=[10**15]):
+    """Add invented events in the name of each real event's publisher."""
+
+    @_deliveries
+    def forge(protocol, delivery):
+        forged = []
+        for e in delivery.events:
+            counter[0] += 1
+            forged.append(_with(e, event_id=counter[0], content=b"forged alarm"))
+        return [Delivery(delivery.channel, delivery.events + tuple(forged))]
+
+    return forge
+
+
+def replay():
+    """Send every earlier delivery again, and already-expired copies too."""
+    history = []
+
+    @_deliveries
+    def rewrite(protocol, delivery):
+        old = tuple(history)
+        history.extend(delivery.events)
+        expired = tuple(_with(e, timestamp=e[2] - 10_000, event_id=e[1] + 7) for e in delivery.events)
+        return [delivery, Delivery(delivery.channel, old + expired)]
+
+    return rewrite
+
+
+@_deliveries
+def withhold(protocol, delivery):
+    """Send nothing to subscribers."""
+    return []
+
+
+@_deliveries
+def equivocate(protocol, delivery):
+    """Send the truth to one subscriber and a lie to the others."""
+    if protocol.client == "console":
+        return [delivery]
+    return alter(protocol, delivery)
+
+
+def other_channel(tag):
+    """Also deliver every batch again as if it belonged to channel C{tag}."""
+
+    @_deliveries
+    def rewrite(protocol, delivery):
+        return [delivery, Delivery(tag, delivery.events)]
+
+    return rewrite
+
+
+def garbage(seed=1):
+    """Follow each delivery with a frame of random bytes."""
+    rng = random.Random(seed)
+
+    @_deliveries
+    def rewrite(protocol, delivery):
+        junk = bytes(rng.randrange(256) for _ in range(40))
+        return [delivery, len(junk).to_bytes(4, "big") + junk]
+
+    return rewrite
+
+
+def flood(per_delivery=2000):
+    """Send many distinct bogus events with each delivery, to exhaust the voter."""
+    counter = [5 * 10**15]
+
+    @_deliveries
+    def rewrite(protocol, delivery):
+        some = delivery.events[0]
+        bogus = []
+        for _ in range(per_delivery):
+            counter[0] += 1
+            bogus.append(_with(some, event_id=counter[0], content=b"noise"))
+        return [delivery, Delivery(delivery.channel, tuple(bogus))]
+
+    return rewrite
+
+
+def lying_acks(protocol, message):
+    """Acknowledge every request as ok, whatever happened."""
+    if isinstance(message, Reply) and not message.ok and message.seq:
+        return [Reply(message.seq, "ok", channel=message.channel)]
+    return [message]
