@@ -59,6 +59,20 @@ def _parser():
     common(status)
     status.set_defaults(run=_status)
 
+    init = commands.add_parser(
+        "init", help="write a new cluster: its configuration, certificates and keys"
+    )
+    init.add_argument("directory")
+    init.add_argument("--replicas", type=int, default=4, help="n (default 4)")
+    init.add_argument("--faults", type=int, default=1, help="f, with n >= 3f+1 (default 1)")
+    init.add_argument(
+        "--clients", nargs="+", default=["local"], metavar="NAME",
+        help="client names; the first is the default client (default: local)",
+    )
+    init.add_argument("--name", default="fitbroker", help="the cluster's name")
+    init.add_argument("--first-port", type=int, default=7500, help="replica i listens on this + i")
+    init.set_defaults(run=_init)
+
     return parser
 
 
@@ -230,6 +244,20 @@ async def _status(reactor, args):
     finally:
         session.stop()
     print(json.dumps(replies, indent=2, sort_keys=True))
+
+
+async def _init(reactor, args):
+    from fit_broker.init import init_cluster
+
+    path = init_cluster(
+        args.directory, args.replicas, args.faults, args.clients, args.first_port, args.name
+    )
+    print(f"wrote {path} and the keys beside it (private keys readable by their owner only)")
+    print("start each replica, then publish and subscribe:")
+    for index in range(args.replicas):
+        print(f"  twistd -n fitbroker --config {path} --replica-id {index}")
+    print(f"  fitbroker tail --config {path} events")
+    print(f"  fitbroker publish --config {path} events hello")
 
 
 def main(argv=None):

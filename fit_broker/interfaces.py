@@ -7,12 +7,14 @@ these interfaces.  Implementations are plain objects: none of them performs
 I/O or reads a clock, they receive times as ``now`` arguments, and all of them
 are used from the reactor thread only.
 
-Events travel as *wire tuples* on every hot path, in the field order of
-L{fit_broker.units.EVENT_FIELDS}::
+Events travel in batches, as *wire tuples* in the field order of
+L{fit_broker.units.BATCH_FIELDS}::
 
-    (publisher, event_id, timestamp, ttl, urgency, content, protection)
+    (publisher, first_id, timestamp, ttl, urgency, payload, proof)
 
-so that a batch decodes into tuples once and is never re-wrapped per event.
+The payload (the events' contents) stays one byte string from the publisher
+to the subscriber: replicas authenticate, queue and forward it without
+decoding, voters compare it whole, and only the winning copy is decoded.
 """
 
 from zope.interface import Attribute, Interface
@@ -73,30 +75,30 @@ class IOrderingProtocol(Interface):
 
     name = Attribute("'none', 'channel' or 'global'.")
 
-    def submit(channel, batch, now):
+    def submit(channel, entries, now):
         """
-        Offer a batch (a list of wire tuples) that a publisher sent.
+        Offer C{(count, batch)} entries that a publisher sent.
 
-        @return: a list of C{(channel, batch)} pairs ready to be appended now.
+        @return: a list of C{(channel, entries)} pairs ready to be appended now.
         """
 
 
 class IVoter(Interface):
     """
-    Combines the copies of events that replicas send to one subscriber.
+    Combines the copies of batches that replicas send to one subscriber.
 
-    A voter never delivers an event twice, never delivers one whose TTL has
+    A voter never delivers a batch twice, never delivers one whose TTL has
     passed, and keeps its memory of pending copies within a bound.
     """
 
     name = Attribute("The voter's name, as configuration chooses it.")
     counters = Attribute("A dict of reason -> number of copies dropped.")
 
-    def offer(replica, events, now):
+    def offer(replica, batches, now):
         """
-        Take a batch of wire tuples that replica number C{replica} sent.
+        Take wire batches that replica number C{replica} sent.
 
-        @return: the list of wire tuples that are now decided, in arrival
+        @return: the list of wire batches that are now decided, in arrival
             order; each is returned once in the voter's lifetime.
         """
 
@@ -112,39 +114,42 @@ class IProtectionScheme(Interface):
 
     Schemes are Twisted plugins: providers of this interface found by
     C{twisted.plugin.getPlugins(IProtectionScheme, fit_broker.schemes)}.
-    A scheme works on whole batches so that a MAC, signature or key schedule
-    is paid once per batch and not once per event.
+    A scheme works on whole batches, so a MAC, signature or cipher is paid
+    once per batch and never per event.  Batches are wire tuples.
     """
 
     name = Attribute("The name channels use to select this scheme.")
     subscriber_verifiable = Attribute(
-        "True when a subscriber can check an event on its own (signatures), "
+        "True when a subscriber can check a batch on its own (signatures), "
         "so a signature-checking voter may deliver a single verified copy."
     )
 
-    def protect(keys, channel, events):
+    def protect(keys, channel, batch):
         """
-        Publisher side: return C{(events, batch_proof)} where C{events} are
-        the wire tuples with their protection field filled and
-        C{batch_proof} is the bytes sent once with the batch.
-        """
-
-    def check_batch(keys, channel, publisher, events, batch_proof):
-        """
-        Replica side: return C{None} when the batch is authentic for this
-        replica, or a short reason string (which the replica counts and logs).
+        Publisher side: return C{batch} with its payload transformed (PKE
+        encrypts it) and its proof filled.
         """
 
-    def check_event(keys, channel, event):
+    def check_batch(keys, channel, publisher, batch):
         """
-        Subscriber side: return C{None} when C{event} verifies on its own, or
+        Replica side: return C{None} when C{batch} is authentic for this
+        replica (C{keys.replica_index}), or a short reason string, which the
+        replica counts and logs.
+        """
+
+    def check_delivered(keys, channel, batch):
+        """
+        Subscriber side: return C{None} when C{batch} verifies on its own, or
         a reason string.  Schemes that are not subscriber-verifiable return
-        C{None}; the voter's quorum protects their events.
+        C{None}; the voter's quorum protects their batches.
         """
 
-    def open(keys, channel, event):
+    def open(keys, channel, batch):
         """
-        Subscriber side: return the event's plaintext content.
+        Subscriber side: return the list of the batch's plaintext contents.
+
+        @raise ValueError: when it cannot be opened (wrong or missing key,
+            malformed payload).
         """
 
 

@@ -89,6 +89,25 @@ def party_directory(directory, identity):
     return os.path.join(directory, sub, identity)
 
 
+def resolve_party_directory(directory, identity):
+    """
+    Return the directory holding C{identity}'s files: C{directory} itself
+    when it holds a C{party.json} (a party directory copied to its host),
+    else C{identity}'s directory inside the cluster directory C{directory}.
+
+    @raise ConfigError: when neither exists.
+    """
+    if os.path.exists(os.path.join(directory, PARTY_FILE)):
+        return directory
+    party_dir = party_directory(directory, identity)
+    if not os.path.isdir(party_dir):
+        raise ConfigError(
+            f"{party_dir}: missing; expected the key directory of {identity!r} "
+            f"(or give a directory holding its {PARTY_FILE})"
+        )
+    return party_dir
+
+
 def _secret_repr(value):
     return f"<{len(value)} keys>"
 
@@ -137,19 +156,24 @@ def generate_keyrings(replicas, clients, channels):
     with every replica.  A client gets the keys of the channels that list it;
     replicas never get channel keys, so they route PKE content blind.
 
-    @param channels: channel -> names of the clients allowed on it.
+    @param channels: channel -> names of the clients allowed on it, where
+        C{"*"} stands for every client, as in the control table.
     """
     if not isinstance(replicas, int) or replicas < 1:
         raise ConfigError(f"replicas: expected a positive integer, got {replicas!r}")
     clients = list(clients)
     for name in clients:
-        check_client_name(name)
+        if not isinstance(name, str) or not name or replica_index_of(name) is not None:
+            raise ConfigError(f"client name {name!r}: expected a name that is not a replica's")
     if len(set(clients)) != len(clients):
         raise ConfigError(f"clients: names must be unique, got {clients!r}")
+    members = {}
     for channel, allowed in channels.items():
-        unknown = sorted(set(allowed) - set(clients))
+        allowed = set(clients) if "*" in allowed else set(allowed)
+        unknown = sorted(allowed - set(clients))
         if unknown:
             raise ConfigError(f"channel {channel!r}: unknown clients {unknown}")
+        members[channel] = allowed
 
     signing = {name: Ed25519PrivateKey.generate() for name in clients}
     verify = {name: key.public_key() for name, key in signing.items()}
@@ -174,7 +198,7 @@ def generate_keyrings(replicas, clients, channels):
             signing_keys={name: signing[name]},
             verify_keys=dict(verify),
             channel_keys={
-                channel: key for channel, key in channel_keys.items() if name in channels[channel]
+                channel: key for channel, key in channel_keys.items() if name in members[channel]
             },
         )
     return rings
@@ -280,14 +304,7 @@ def load_keyring(directory, identity, check_modes=True):
     @raise ConfigError: naming the file and what was expected, when a file
         is missing or malformed.
     """
-    own = os.path.join(directory, PARTY_FILE)
-    party_dir = directory if os.path.exists(own) else party_directory(directory, identity)
-    if not os.path.isdir(party_dir):
-        raise ConfigError(
-            f"{party_dir}: missing; expected the key directory of {identity!r} "
-            f"(or a directory holding its {PARTY_FILE})"
-        )
-
+    party_dir = resolve_party_directory(directory, identity)
     party = _read_json(party_dir, PARTY_FILE, "the party description", secret=False)
     if party.get("identity") != identity:
         raise ConfigError(
@@ -331,7 +348,14 @@ def load_keyring(directory, identity, check_modes=True):
     )
 
 
-def _read_bytes(path, what, secret, check_modes):
+def read_key_file(path, what, secret, check_modes=True):
+    """
+    Return the bytes of key file C{path}, holding C{what}.
+
+    @param secret: the file holds a secret: with C{check_modes}, refuse it
+        when group or others may read it.
+    @raise ConfigError: naming the file and what was expected.
+    """
     try:
         with open(path, "rb") as f:
             if secret and check_modes:
@@ -351,7 +375,7 @@ def _read_bytes(path, what, secret, check_modes):
 
 def _read_json(party_dir, name, what, secret, check_modes=True):
     path = os.path.join(party_dir, name)
-    data = _read_bytes(path, what, secret, check_modes)
+    data = read_key_file(path, what, secret, check_modes)
     try:
         value = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
@@ -417,7 +441,7 @@ def _parse_channel_keys(path, value):
 
 
 def _read_signing_key(path, check_modes):
-    data = _read_bytes(path, "an Ed25519 signing key", True, check_modes)
+    data = read_key_file(path, "an Ed25519 signing key", True, check_modes)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as e:

@@ -8,95 +8,41 @@ from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 
 from fit_broker.config import load_config
+from fit_broker.credentials import replica_credentials
+from fit_broker.init import init_cluster
 from fit_broker.replica.service import make_replica_service
 from fit_broker.schemes.registry import scheme_lookup
 
 LOCAL_FOLDER = "fitbroker-local"
 FIRST_PORT = 7410
 REPLICAS = 4
+CLIENTS = ("local", "probe", "console")
+SYSLOG_CLIENT = "syslog"
 
-CLUSTER_TEMPLATE = """\
-# The embedded local cluster that `twistd -n fitbroker` runs: {replicas} replicas
-# in one process on 127.0.0.1, tolerating f = 1 faulty replica.
-# `fitbroker publish` and `fitbroker tail` use this file when run from
-# the folder that holds fitbroker-local/.
-
-[cluster]
-name = "local"
-faults = 1
-default_client = "local"
-
-{replica_tables}
-[clients.local]
-description = "the operator at this machine: publishes and subscribes everywhere"
-
-[clients.probe]
-description = "a monitoring probe"
-
-[clients.console]
-description = "a SIEM or dashboard"
-
-[clients.syslog]
-description = "the syslog ingest adapter"
-
-[classes.standard]
-urgency_levels = 4
-ordering = "none"
-capacity = 10000
-ttl = 300
-overflow = "drop-oldest"
-
-[classes.alarm]
-urgency_levels = 4
-ordering = "none"
-capacity = 50000
-ttl = 3600
-overflow = "drop-oldest"
-
-[[channels]]
-tag = "events"
-topic = "General monitoring events"
-class = "standard"
-publishers = ["local", "probe"]
-subscribers = ["local", "console"]
-
-[[channels]]
-tag = "alerts"
-topic = "IDS alerts"
-class = "alarm"
-publishers = ["local", "probe"]
-subscribers = ["local", "console"]
-
-[[channels]]
-tag = "health"
-topic = "Health checks"
-class = "standard"
-publishers = ["local", "probe"]
-subscribers = ["local", "console"]
-
-[[channels]]
-tag = "syslog"
-topic = "Syslog from legacy probes"
-class = "standard"
-publishers = ["syslog", "local"]
-subscribers = ["local", "console"]
-"""
+HEADING = """\
+# The embedded local cluster that `twistd -n fitbroker` runs: 4 replicas in
+# one process on 127.0.0.1, tolerating f = 1 Byzantine replica, every link
+# over mutual TLS.  `fitbroker publish` and `fitbroker tail` use this file
+# when run from the folder that holds fitbroker-local/.  Rewritten at each
+# start; the keys beside it are kept."""
 
 
-def write_local_config(folder, first_port=FIRST_PORT, replicas=REPLICAS):
+def write_local_config(folder, first_port=FIRST_PORT):
     """
-    Write the embedded cluster's configuration into C{folder}; return its path.
+    Write the embedded cluster's configuration and keys into C{folder}
+    (keeping keys already there); return the configuration's path.
     """
-    os.makedirs(folder, exist_ok=True)
-    tables = "".join(
-        f'[[replicas]]\nlisten = "tcp:{first_port + i}:interface=127.0.0.1"\n'
-        f'connect = "tcp:127.0.0.1:{first_port + i}"\n\n'
-        for i in range(replicas)
+    return init_cluster(
+        folder,
+        replicas=REPLICAS,
+        faults=1,
+        clients=CLIENTS,
+        first_port=first_port,
+        name="local",
+        syslog_client=SYSLOG_CLIENT,
+        heading=HEADING,
+        reuse_keys=True,
     )
-    path = os.path.join(folder, "cluster.toml")
-    with open(path, "w") as f:
-        f.write(CLUSTER_TEMPLATE.format(replicas=replicas, replica_tables=tables))
-    return path
 
 
 class _Greeting(Service):
@@ -106,23 +52,27 @@ class _Greeting(Service):
 
     log = Logger()
 
-    def __init__(self, path):
+    def __init__(self, path, extra=""):
         self.path = path
+        self.extra = extra
 
     def startService(self):
         super().startService()
         self.log.info(
-            "FIT Broker local cluster is running: 4 replicas, f = 1, configuration in "
-            "{path}\n"
+            "FIT Broker local cluster is running: 4 replicas, f = 1, mutual TLS; "
+            "configuration in {path}\n"
             "  In another terminal, from this folder:\n"
             "    fitbroker tail events            # watch the events channel\n"
             "    fitbroker publish events hello   # publish an event\n"
-            "  Channels: events, alerts, health, syslog. Stop with Ctrl-C.",
+            "  Channels: events (BFT, HA), signed (BFT, PKS), sealed (BFT, PKE), alerts, "
+            "health (CFT), syslog.{extra}\n"
+            "  Stop with Ctrl-C.",
             path=self.path,
+            extra=self.extra,
         )
 
 
-def make_local_cluster(reactor, folder=LOCAL_FOLDER, first_port=FIRST_PORT):
+def make_local_cluster(reactor, folder=LOCAL_FOLDER, first_port=FIRST_PORT, syslog=True):
     """
     Return a service running the whole embedded cluster.
     """
@@ -131,6 +81,28 @@ def make_local_cluster(reactor, folder=LOCAL_FOLDER, first_port=FIRST_PORT):
     schemes = scheme_lookup(config)
     top = MultiService()
     for index in range(len(config.replicas)):
-        make_replica_service(config, index, reactor, schemes).setServiceParent(top)
-    _Greeting(os.path.abspath(path)).setServiceParent(top)
+        keys, tls_options, identify = replica_credentials(config, index)
+        make_replica_service(
+            config, index, reactor, schemes, keys, identify=identify, tls_options=tls_options
+        ).setServiceParent(top)
+    extra = ""
+    if syslog:
+        extra = _add_syslog(top, config, reactor)
+    _Greeting(os.path.abspath(path), extra).setServiceParent(top)
     return top
+
+
+def _add_syslog(top, config, reactor):
+    """
+    Start the syslog adapter on 127.0.0.1:5514 publishing to channel syslog,
+    and return how to try it.
+    """
+    from fit_broker.syslog.service import local_syslog_settings, make_syslog_service
+
+    settings = local_syslog_settings()
+    make_syslog_service(config, settings, reactor).setServiceParent(top)
+    return (
+        "\n  Syslog on 127.0.0.1:5514 (UDP and TCP) goes to channel syslog:\n"
+        "    fitbroker tail syslog\n"
+        "    logger -n 127.0.0.1 -P 5514 --udp 'hello from syslog'"
+    )

@@ -11,11 +11,11 @@ from fit_broker.interfaces import IOrderingProtocol
 class NoOrdering:
     """
     No agreement between replicas: a batch is appended as soon as it arrives,
-    so each subscriber sees each publisher's events of one urgency level in
+    so each subscriber sees each publisher's batches of one urgency level in
     publication order, and no order across publishers.
     """
 
     name = "none"
 
-    def submit(self, channel, batch, now):
-        return [(channel, batch)]
+    def submit(self, channel, entries, now):
+        return [(channel, entries)]

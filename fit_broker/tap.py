@@ -66,6 +66,7 @@ class Options(usage.Options):
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
+    from fit_broker.credentials import replica_credentials
     from fit_broker.errors import FitBrokerError
     from fit_broker.local import make_local_cluster
     from fit_broker.replica.service import make_replica_service
@@ -74,9 +75,17 @@ def makeService(options, reactor=None):
     cluster = options["cluster"]
     try:
         if cluster is None:
-            return make_local_cluster(reactor)
+            return make_local_cluster(reactor, syslog=False)
+        index = options["replica-id"]
+        keys, tls_options, identify = replica_credentials(cluster, index)
         return make_replica_service(
-            cluster, options["replica-id"], reactor, scheme_lookup(cluster)
+            cluster,
+            index,
+            reactor,
+            scheme_lookup(cluster),
+            keys,
+            identify=identify,
+            tls_options=tls_options,
         )
     except FitBrokerError as e:
         raise SystemExit(f"fitbroker: {e}") from None

@@ -1,14 +1,58 @@
 """
 Data units: events, requests and replies.
 
-On hot paths events stay the tuples the codec decoded (see L{EVENT_FIELDS});
-L{Event} is the value the client API hands to applications.
+Events travel in batches (L{Batch}); L{Event} is the value the client API
+hands to applications.
 """
 
 import attrs
+import msgpack
 
-EVENT_FIELDS = ("publisher", "event_id", "timestamp", "ttl", "urgency", "content", "protection")
-PUBLISHER, EVENT_ID, TIMESTAMP, TTL, URGENCY, CONTENT, PROTECTION = range(7)
+BATCH_FIELDS = ("publisher", "first_id", "timestamp", "ttl", "urgency", "payload", "proof")
+PUBLISHER, FIRST_ID, TIMESTAMP, TTL, URGENCY, PAYLOAD, PROOF = range(7)
+MAX_BATCH_EVENTS = 65_535
+
+_pack_contents = msgpack.Packer(use_bin_type=True).pack
+
+
+def pack_contents(contents):
+    """
+    Encode a list of event contents (bytes) as a batch payload.
+    """
+    return _pack_contents(contents)
+
+
+def unpack_contents(payload):
+    """
+    Decode a batch payload into its list of contents.
+
+    @raise ValueError: when C{payload} is not an array of byte strings.
+    """
+    try:
+        contents = msgpack.unpackb(payload, raw=False, use_list=True)
+    except Exception as e:
+        raise ValueError(f"undecodable payload: {type(e).__name__}") from None
+    if type(contents) is not list or not all(type(c) is bytes for c in contents):
+        raise ValueError("payload must be an array of byte strings")
+    return contents
+
+
+def payload_count(payload):
+    """
+    Return how many events a payload holds, from its array header alone, or
+    0 when the header is not that of a non-empty array.
+
+    Replicas count events for queue bounds without decoding the contents.
+    """
+    if not payload:
+        return 0
+    head = payload[0]
+    if 0x91 <= head <= 0x9F:
+        return head - 0x90
+    if head == 0xDC and len(payload) >= 3:
+        return (payload[1] << 8) | payload[2]
+    return 0
+
 
 # Request methods.
 HELLO = "hello"
@@ -33,7 +77,6 @@ class Event:
     @ivar timestamp: the publisher's clock, seconds since the epoch.
     @ivar ttl: seconds after C{timestamp} at which the event expires.
     @ivar urgency: 0 is the least urgent; higher levels leave queues first.
-    @ivar protection: what the channel's protection scheme attached.
     """
 
     publisher: str
@@ -42,26 +85,59 @@ class Event:
     ttl: float
     urgency: int
     content: bytes
-    protection: bytes = b""
 
     @property
     def deadline(self):
         return self.timestamp + self.ttl
 
+
+@attrs.frozen
+class Batch:
+    """
+    Events one publisher published together on one channel: the unit that
+    travels, is authenticated, queued, voted on and deduplicated.
+
+    Events of a batch share timestamp, TTL and urgency, and have the ids
+    C{first_id} to C{first_id + count - 1}.  Replicas never decode the
+    payload: they forward the publisher's bytes, and a subscriber decodes
+    only the copy that wins the vote.  On hot paths a batch is the plain
+    tuple L{to_wire} returns, in L{BATCH_FIELDS} order.
+
+    @ivar payload: the contents, as L{pack_contents} encodes them (PKE:
+        encrypted).
+    @ivar proof: what the channel's protection scheme attached.
+    """
+
+    publisher: str
+    first_id: int
+    timestamp: float
+    ttl: float
+    urgency: int
+    payload: bytes
+    proof: bytes = b""
+
     def to_wire(self):
         return (
             self.publisher,
-            self.event_id,
+            self.first_id,
             self.timestamp,
             self.ttl,
             self.urgency,
-            self.content,
-            self.protection,
+            self.payload,
+            self.proof,
         )
 
-    @classmethod
-    def from_wire(cls, t):
-        return cls(*t)
+
+def batch_events(batch, contents):
+    """
+    Return the L{Event}s of wire batch C{batch} whose decoded contents are
+    C{contents}.
+    """
+    publisher, first_id, timestamp, ttl, urgency = batch[:5]
+    return [
+        Event(publisher, first_id + i, timestamp, ttl, urgency, content)
+        for i, content in enumerate(contents)
+    ]
 
 
 @attrs.frozen
@@ -70,7 +146,7 @@ class Request:
     What a client asks of every replica.
 
     @ivar count: how many events to fetch (C{receive}) or credit (C{credit}).
-    @ivar events: wire tuples (C{publish}).
+    @ivar batches: wire batches (C{publish}).
     @ivar options: method-specific values (client name, resume flag, proof).
     """
 
@@ -78,7 +154,7 @@ class Request:
     method: str
     channel: str = ""
     count: int = 0
-    events: tuple = ()
+    batches: tuple = ()
     options: dict = attrs.field(factory=dict)
 
 
@@ -91,7 +167,7 @@ class Reply:
     seq: int
     status: str
     text: str = ""
-    events: tuple = ()
+    batches: tuple = ()
     channel: str = ""
     info: dict = attrs.field(factory=dict)
 
@@ -103,8 +179,8 @@ class Reply:
 @attrs.frozen
 class Delivery:
     """
-    A batch of events a replica pushes on a subscriber's stream.
+    Batches a replica pushes on a subscriber's stream.
     """
 
     channel: str
-    events: tuple
+    batches: tuple

@@ -1,9 +1,11 @@
 """
-Voters: how a subscriber combines the copies that replicas send it.
+Voters: how a subscriber combines the copies of batches that replicas send it.
 
-Every voter remembers what it delivered (L{RecentIds}), so nothing is
-delivered twice, and checks the TTL itself, so a replica with a wrong clock
-cannot make it deliver an expired event.
+Every voter remembers what it delivered (L{RecentIds}, keyed by the batch's
+publisher and first event id), so nothing is delivered twice, and checks the
+TTL itself, so a replica with a wrong clock cannot make it deliver an
+expired event.  Copies are compared whole, payload and proof included, and
+only decided batches are ever decoded.
 """
 
 from zope.interface import implementer
@@ -11,8 +13,8 @@ from zope.interface import implementer
 from fit_broker.dedup import RecentIds
 from fit_broker.interfaces import IVoter
 
-DEFAULT_WINDOW = 65_536
-DEFAULT_MAX_PENDING = 100_000
+DEFAULT_WINDOW = 16_384
+DEFAULT_MAX_PENDING = 20_000
 
 
 class _Voter:
@@ -32,9 +34,9 @@ class _Voter:
 @implementer(IVoter)
 class FirstCopyVoter(_Voter):
     """
-    CFT: the first copy of each event wins and later copies are dropped.
+    CFT: the first copy of each batch wins and later copies are dropped.
 
-    Replicas are trusted not to lie in CFT mode, so any one copy is the event.
+    Replicas are trusted not to lie in CFT mode, so any one copy is the batch.
     """
 
     name = "first-copy"
@@ -46,29 +48,23 @@ class FirstCopyVoter(_Voter):
         """
         super().__init__(window)
 
-    def offer(self, replica, events, now):
-        seen = self._decided
-        decided = []
-        duplicates = stale = expired = 0
-        for event in events:
-            key = (event[0], event[1])
-            if key in seen:
-                duplicates += 1
-            elif event[2] + event[3] <= now:
-                expired += 1
-            elif seen.is_stale(event[0], event[4], event[1]):
-                stale += 1
-            else:
-                seen.add(key, event[4])
-                decided.append(event)
+    def offer(self, replica, batches, now):
+        decided_ids = self._decided
+        seen = decided_ids._seen
         counters = self.counters
+        decided = []
+        for batch in batches:
+            key = (batch[0], batch[1])
+            if key in seen:
+                counters["duplicate"] += 1
+            elif batch[2] + batch[3] <= now:
+                counters["expired"] += 1
+            elif decided_ids.is_stale(batch[0], batch[4], batch[1]):
+                counters["stale"] += 1
+            else:
+                decided_ids.add(key, batch[4])
+                decided.append(batch)
         counters["delivered"] += len(decided)
-        if duplicates:
-            counters["duplicate"] += duplicates
-        if stale:
-            counters["stale"] += stale
-        if expired:
-            counters["expired"] += expired
         return decided
 
 
@@ -76,7 +72,7 @@ class FirstCopyVoter(_Voter):
 class SignatureVoter(_Voter):
     """
     BFT with a subscriber-verifiable scheme (PKS, PKE): the first copy whose
-    signature verifies is the event, so one correct replica suffices.
+    signature verifies is the batch, so one correct replica suffices.
     """
 
     name = "signature"
@@ -89,41 +85,42 @@ class SignatureVoter(_Voter):
         self._keys = keys
         self._channel = channel
 
-    def offer(self, replica, events, now):
-        seen = self._decided
-        check = self._scheme.check_event
+    def offer(self, replica, batches, now):
+        decided_ids = self._decided
+        check = self._scheme.check_delivered
         keys, channel = self._keys, self._channel
+        counters = self.counters
         decided = []
-        for event in events:
-            key = (event[0], event[1])
-            if key in seen:
-                self.counters["duplicate"] += 1
-            elif event[2] + event[3] <= now:
-                self.counters["expired"] += 1
-            elif seen.is_stale(event[0], event[4], event[1]):
-                self.counters["stale"] += 1
+        for batch in batches:
+            key = (batch[0], batch[1])
+            if key in decided_ids:
+                counters["duplicate"] += 1
+            elif batch[2] + batch[3] <= now:
+                counters["expired"] += 1
+            elif decided_ids.is_stale(batch[0], batch[4], batch[1]):
+                counters["stale"] += 1
             else:
-                reason = check(keys, channel, event)
+                reason = check(keys, channel, batch)
                 if reason is None:
-                    seen.add(key, event[4])
-                    decided.append(event)
+                    decided_ids.add(key, batch[4])
+                    decided.append(batch)
                 else:
                     self.count(f"{reason}:replica-{replica}")
-        self.counters["delivered"] += len(decided)
+        counters["delivered"] += len(decided)
         return decided
 
 
 @implementer(IVoter)
 class MatchingCopiesVoter(_Voter):
     """
-    BFT: an event is delivered once f+1 replicas sent identical copies
-    (same publisher, event id, timestamp, TTL, urgency, content and
-    protection).  f liars can never agree on a forgery alone, and a withheld
-    copy is made up for by the correct replicas.
+    BFT: a batch is delivered once f+1 replicas sent identical copies (same
+    publisher, ids, timestamp, TTL, urgency, payload and proof).  f liars can
+    never agree on a forgery alone, and a withheld copy is made up for by the
+    correct replicas.
 
     Pending copies are bounded: each replica may have at most
-    C{max_pending // n} events waiting on its word alone, so a replica that
-    floods bogus events fills only its own quota.  With a subscriber-verifiable
+    C{max_pending // n} batches waiting on its word, so a replica that floods
+    bogus batches fills only its own quota.  With a subscriber-verifiable
     scheme, copies that fail verification are refused before they count.
     """
 
@@ -138,7 +135,7 @@ class MatchingCopiesVoter(_Voter):
         replicas = replicas or 3 * faults + 1
         self.quota = max(1, max_pending // replicas)
         self._check = (
-            scheme.check_event if scheme is not None and scheme.subscriber_verifiable else None
+            scheme.check_delivered if scheme is not None and scheme.subscriber_verifiable else None
         )
         self._keys = keys
         self._channel = channel
@@ -147,7 +144,7 @@ class MatchingCopiesVoter(_Voter):
     def pending(self):
         return len(self._pending)
 
-    def offer(self, replica, events, now):
+    def offer(self, replica, batches, now):
         decided_ids = self._decided
         pending = self._pending
         owned = self._owned
@@ -155,19 +152,19 @@ class MatchingCopiesVoter(_Voter):
         counters = self.counters
         check = self._check
         decided = []
-        for event in events:
-            key = (event[0], event[1])
+        for batch in batches:
+            key = (batch[0], batch[1])
             if key in decided_ids:
                 counters["duplicate"] += 1
                 continue
-            if event[2] + event[3] <= now:
+            if batch[2] + batch[3] <= now:
                 counters["expired"] += 1
                 continue
-            if decided_ids.is_stale(event[0], event[4], event[1]):
+            if decided_ids.is_stale(batch[0], batch[4], batch[1]):
                 counters["stale"] += 1
                 continue
             if check is not None:
-                reason = check(self._keys, self._channel, event)
+                reason = check(self._keys, self._channel, batch)
                 if reason is not None:
                     self.count(f"{reason}:replica-{replica}")
                     continue
@@ -176,43 +173,45 @@ class MatchingCopiesVoter(_Voter):
                 if owned.get(replica, 0) >= self.quota:
                     self.count(f"over-quota:replica-{replica}")
                     continue
-                pending[key] = {event: {replica}}
+                pending[key] = {batch: {replica}}
                 owned[replica] = owned.get(replica, 0) + 1
                 if needed == 1:
-                    decided.append(self._decide(key, event))
+                    decided.append(self._decide(key, batch))
                 continue
             if any(replica in voters for voters in variants.values()):
                 self.count(f"repeated:replica-{replica}")
                 continue
-            voters = variants.get(event)
+            voters = variants.get(batch)
             if voters is None:
-                voters = variants[event] = set()
+                if owned.get(replica, 0) >= self.quota:
+                    self.count(f"over-quota:replica-{replica}")
+                    continue
+                voters = variants[batch] = set()
             voters.add(replica)
             owned[replica] = owned.get(replica, 0) + 1
             if len(voters) >= needed:
-                decided.append(self._decide(key, event))
+                decided.append(self._decide(key, batch))
         counters["delivered"] += len(decided)
         return decided
 
-    def _decide(self, key, event):
+    def _decide(self, key, batch):
         variants = self._pending.pop(key)
         owned = self._owned
         for variant, voters in variants.items():
             for replica in voters:
                 owned[replica] -= 1
-                if variant != event:
+                if variant != batch:
                     self.count(f"mismatch:replica-{replica}")
-        self._decided.add(key, event[4])
-        return event
+        self._decided.add(key, batch[4])
+        return batch
 
     def expire(self, now):
         """
-        Drop pending events whose TTL passed, counting each replica's copies.
+        Drop pending batches once every variant of them has expired, counting each.
         """
         owned = self._owned
         for key, variants in list(self._pending.items()):
-            some = next(iter(variants))
-            if some[2] + some[3] <= now:
+            if all(v[2] + v[3] <= now for v in variants):
                 del self._pending[key]
                 self.counters["expired"] += 1
                 for voters in variants.values():
@@ -221,7 +220,7 @@ class MatchingCopiesVoter(_Voter):
 
     def lag(self):
         """
-        Copies waiting on each replica's word: a withholding replica shows
+        Batches waiting on each replica's word: a withholding replica shows
         as the one never among them.
         """
         return dict(self._owned)

@@ -8,7 +8,7 @@ bytes} applied to each L{Delivery} and L{Reply} the replica would send.
 
 import random
 
-from fit_broker.units import Delivery, Reply
+from fit_broker.units import BATCH_FIELDS, Delivery, Reply, pack_contents, unpack_contents
 from fit_broker.wire.codec import decode, encode_delivery, encode_reply
 from fit_broker.replica.protocol import ReplicaProtocol
 
@@ -28,7 +28,7 @@ class _Rewriting:
             if isinstance(out, bytes):
                 self._transport.write(out)
             elif isinstance(out, Delivery):
-                self._transport.write(encode_delivery(out.channel, out.events))
+                self._transport.write(encode_delivery(out.channel, out.batches))
             else:
                 self._transport.write(encode_reply(out))
 
@@ -59,30 +59,41 @@ def _deliveries(rewrite):
     return behaviour
 
 
-def _with(event, **changes):
-    fields = list(event)
-    for index, name in enumerate(("publisher", "event_id", "timestamp", "ttl", "urgency", "content", "protection")):
+def _with(batch, **changes):
+    fields = list(batch)
+    for index, name in enumerate(BATCH_FIELDS):
         if name in changes:
             fields[index] = changes[name]
     return tuple(fields)
 
 
+def _evil(batch):
+    """The batch with every content prefixed by EVIL, its proof kept."""
+    contents = unpack_contents(batch[5]) if batch[6] == b"" else None
+    if contents is None:
+        # a protected payload: flip a byte the proof covers
+        payload = bytearray(batch[5])
+        payload[-1] ^= 1
+        return _with(batch, payload=bytes(payload))
+    return _with(batch, payload=pack_contents([b"EVIL" + c for c in contents]))
+
+
 @_deliveries
 def alter(protocol, delivery):
-    """Change the content of every event."""
-    return [Delivery(delivery.channel, tuple(_with(e, content=b"EVIL" + e[5]) for e in delivery.events))]
+    """Change the content of every batch."""
+    return [Delivery(delivery.channel, tuple(_evil(b) for b in delivery.batches))]
 
 
 def forge_events(counter=[10**15]):
-    """Add invented events in the name of each real event's publisher."""
+    """Add invented batches in the name of each real batch's publisher."""
 
     @_deliveries
     def forge(protocol, delivery):
         forged = []
-        for e in delivery.events:
-            counter[0] += 1
-            forged.append(_with(e, event_id=counter[0], content=b"forged alarm"))
-        return [Delivery(delivery.channel, delivery.events + tuple(forged))]
+        for b in delivery.batches:
+            counter[0] += 1000
+            forged.append(_with(b, first_id=counter[0], payload=pack_contents([b"forged alarm"])))
+        return [Delivery(delivery.channel, delivery.batches + tuple(forged))]
 
     return forge
 
@@ -94,8 +105,10 @@ def replay():
     @_deliveries
     def rewrite(protocol, delivery):
         old = tuple(history)
-        history.extend(delivery.events)
-        expired = tuple(_with(e, timestamp=e[2] - 10_000, event_id=e[1] + 7) for e in delivery.events)
+        history.extend(delivery.batches)
+        expired = tuple(
+            _with(b, timestamp=b[2] - 10_000, first_id=b[1] + 7) for b in delivery.batches
+        )
         return [delivery, Delivery(delivery.channel, old + expired)]
 
     return rewrite
@@ -120,7 +133,7 @@ def other_channel(tag):
 
     @_deliveries
     def rewrite(protocol, delivery):
-        return [delivery, Delivery(tag, delivery.events)]
+        return [delivery, Delivery(tag, delivery.batches)]
 
     return rewrite
 
@@ -138,16 +151,16 @@ def garbage(seed=1):
 
 
 def flood(per_delivery=2000):
-    """Send many distinct bogus events with each delivery, to exhaust the voter."""
+    """Send many distinct bogus batches with each delivery, to exhaust the voter."""
     counter = [5 * 10**15]
 
     @_deliveries
     def rewrite(protocol, delivery):
-        some = delivery.events[0]
+        some = delivery.batches[0]
         bogus = []
         for _ in range(per_delivery):
-            counter[0] += 1
-            bogus.append(_with(some, event_id=counter[0], content=b"noise"))
+            counter[0] += 1000
+            bogus.append(_with(some, first_id=counter[0], payload=pack_contents([b"noise"])))
         return [delivery, Delivery(delivery.channel, tuple(bogus))]
 
     return rewrite

@@ -7,7 +7,7 @@ import pytest
 
 from fit_broker.broker.service import BrokerService
 from fit_broker.schemes.registry import scheme_lookup
-from fit_broker.units import Request
+from fit_broker.units import Request, pack_contents
 from tests.simnet import cluster_config
 
 NOW = 1_800_000_000.0
@@ -24,12 +24,13 @@ def broker():
     return BrokerService(config, scheme_lookup(config))
 
 
-def event(event_id, publisher="probe", timestamp=NOW, ttl=30.0, urgency=0, content=b"x"):
-    return (publisher, event_id, timestamp, ttl, urgency, content, b"")
+def event(first_id, publisher="probe", timestamp=NOW, ttl=30.0, urgency=0, contents=(b"x",)):
+    """A wire batch of one event unless told otherwise."""
+    return (publisher, first_id, timestamp, ttl, urgency, pack_contents(list(contents)), b"")
 
 
-def publish(broker, events, client="probe", channel="events", now=NOW):
-    return broker.handle(client, Request(1, "publish", channel, 0, tuple(events)), now)
+def publish(broker, batches, client="probe", channel="events", now=NOW):
+    return broker.handle(client, Request(1, "publish", channel, 0, tuple(batches)), now)
 
 
 def subscribe(broker, client="console", channel="events", resume=False):
@@ -39,7 +40,7 @@ def subscribe(broker, client="console", channel="events", resume=False):
 def receive(broker, count=100, client="console", channel="events", now=NOW):
     reply = broker.handle(client, Request(3, "receive", channel, count), now)
     assert reply.ok, reply
-    return [e[1] for e in reply.events]
+    return [b[1] for b in reply.batches]
 
 
 def test_published_events_reach_each_subscriber_once(broker):
@@ -80,7 +81,7 @@ def test_unauthorised_subscriber_refused(broker):
 
 
 def test_forged_publisher_name_refused(broker):
-    """A client cannot publish events in another publisher's name."""
+    """A client cannot publish batches in another publisher's name."""
     reply = publish(broker, [event(1, publisher="console")], client="probe")
     assert reply.status == "bad-request"
     assert "names publisher 'console'" in reply.text
@@ -94,14 +95,16 @@ def test_forged_publisher_name_refused(broker):
         (event(1, ttl=0.0), "bad-ttl"),
         (event(1, ttl=61.0), "bad-ttl"),
         (event(1, timestamp=NOW + 3600), "timestamp-out-of-bounds"),
+        (event(1, contents=()), "bad-payload"),
+        (("probe", 1, NOW, 30.0, 0, b"\xc4\x03abc", b""), "bad-payload"),
     ],
 )
-def test_malformed_events_refuse_the_batch(broker, bad, reason):
-    """A batch holding a malformed event is refused whole, with the reason counted."""
+def test_malformed_batches_refuse_the_request(broker, bad, reason):
+    """A request holding a malformed batch is refused whole, with the reason counted."""
     subscribe(broker)
     reply = publish(broker, [event(5), bad])
     assert reply.status == "bad-request"
-    assert "event 1" in reply.text
+    assert "batch 1" in reply.text
     assert broker.channels["events"].counters[f"refused:{reason}"] == 1
     assert receive(broker) == []
 
@@ -158,3 +161,14 @@ def test_status_snapshot(broker):
     info = broker.handle("console", Request(9, "status"), NOW).info
     assert info["channels"]["events"]["counters"]["accepted"] == 1
     assert info["channels"]["events"]["subscribers"]["console"]["waiting"] == 1
+
+
+def test_batches_are_forwarded_unchanged_and_counted_in_events(broker):
+    """A replica queues the publisher's batch as sent and counts its events."""
+    subscribe(broker)
+    sent = event(10, contents=[b"a", b"b", b"c"])
+    reply = publish(broker, [sent])
+    assert reply.info["appended"] == 3
+    got = broker.handle("console", Request(3, "receive", "events", 10), NOW).batches
+    assert got == (sent,)
+    assert broker.channels["events"].counters["accepted"] == 3

@@ -40,7 +40,7 @@ def test_every_event_delivered_once_across_channels():
     for tag in "abc":
         assert_exactly_once(got[tag], acked[tag])
     assert got["a"][0].content == b"e0" and got["a"][0].publisher == "probe"
-    assert sub.subscriber.voters["a"].counters["duplicate"] == 3 * 250
+    assert sub.subscriber.voters["a"].counters["duplicate"] == 3 * 3
 
 
 def test_crash_of_f_replicas_loses_nothing():

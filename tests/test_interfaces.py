@@ -30,7 +30,7 @@ class _Verifiable:
     name = "verifiable"
     subscriber_verifiable = True
 
-    def check_event(self, keys, channel, event):
+    def check_delivered(self, keys, channel, batch):
         return None
 
 

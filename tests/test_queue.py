@@ -2,15 +2,22 @@
 A subscriber's output queue: urgency, TTL and overflow, every discard counted.
 """
 
-from fit_broker.broker.queue import OutputQueue
+from fit_broker.broker.queue import OutputQueue as _OutputQueue
 
 
-def ev(event_id, urgency=0, timestamp=100.0, ttl=10.0):
-    return ("p", event_id, timestamp, ttl, urgency, b"", b"")
+def ev(event_id, urgency=0, timestamp=100.0, ttl=10.0, count=1):
+    return (count, ("p", event_id, timestamp, ttl, urgency, b"", b""))
 
 
-def ids(events):
-    return [e[1] for e in events]
+def ids(batches):
+    return [b[1] for b in batches]
+
+
+class OutputQueue(_OutputQueue):
+    """The queue, fed one-event batches unless told otherwise."""
+
+    def extend(self, entries):
+        super().extend(entries, sum(e[0] for e in entries))
 
 
 def test_urgent_events_leave_first():
@@ -75,3 +82,15 @@ def test_counters_reconcile():
     assert c["enqueued"] == c["delivered"] + c["expired"] + c["overflowed"] + c["reset"] + len(queue)
     queue.clear()
     assert c["enqueued"] == c["delivered"] + c["expired"] + c["overflowed"] + c["reset"]
+
+
+def test_batches_count_their_events():
+    """Capacity, delivery and overflow count events, and whole batches are discarded oldest first."""
+    queue = OutputQueue(250, 1)
+    queue.extend([ev(1, count=100), ev(101, count=100)])
+    queue.extend([ev(201, count=100)])
+    assert len(queue) == 200
+    assert queue.counters["overflowed"] == 100
+    assert ids(queue.take(150, now=101)) == [101]
+    assert ids(queue.take(50, now=101)) == [201]
+    assert queue.counters["delivered"] == 200

@@ -7,12 +7,13 @@ from fit_broker.voters import FirstCopyVoter
 NOW = 1000.0
 
 
-def ev(event_id, publisher="p", urgency=0, timestamp=NOW, ttl=10.0):
-    return (publisher, event_id, timestamp, ttl, urgency, b"c", b"")
+def ev(first_id, publisher="p", urgency=0, timestamp=NOW, ttl=10.0):
+    """A one-event wire batch."""
+    return (publisher, first_id, timestamp, ttl, urgency, b"\x91\xc4\x01c", b"")
 
 
 def test_first_copy_wins_once():
-    """The first copy of each event is delivered; copies from other replicas are counted duplicates."""
+    """The first copy of each batch is delivered; copies from other replicas are counted duplicates."""
     voter = FirstCopyVoter()
     assert [e[1] for e in voter.offer(0, [ev(1), ev(2)], NOW)] == [1, 2]
     assert [e[1] for e in voter.offer(1, [ev(2), ev(3), ev(1)], NOW)] == [3]

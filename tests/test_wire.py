@@ -18,7 +18,7 @@ from fit_broker.wire.codec import (
 )
 from fit_broker.wire.framing import FrameDecoder, frame
 
-EVENT = ("probe", 7, 1700000000.5, 60.0, 2, b"\x00\xffcontent", b"")
+BATCH = ("probe", 7, 1700000000.5, 60.0, 2, b"\x92\xc4\x01a\xc4\x00", b"proof")
 
 
 def payload(encoded):
@@ -26,16 +26,16 @@ def payload(encoded):
 
 
 def test_request_round_trip():
-    """A publish request with events decodes to an equal Request."""
-    request = Request(3, "publish", "events", 0, (EVENT, EVENT), {"proof": b"x"})
+    """A publish request with batches decodes to an equal Request."""
+    request = Request(3, "publish", "events", 0, (BATCH, BATCH), {"proof": b"x"})
     assert decode(payload(encode_request(request))) == request
 
 
 def test_reply_and_delivery_round_trip():
     """Replies and pushed deliveries keep every field."""
-    reply = Reply(9, "ok", "", (EVENT,), "events", {"appended": 1})
+    reply = Reply(9, "ok", "", (BATCH,), "events", {"appended": 1})
     assert decode(payload(encode_reply(reply))) == reply
-    assert decode(payload(encode_delivery("events", [EVENT]))) == Delivery("events", (EVENT,))
+    assert decode(payload(encode_delivery("events", [BATCH]))) == Delivery("events", (BATCH,))
 
 
 def test_frames_split_anywhere_reassemble():
@@ -73,10 +73,10 @@ def test_malformed_payloads_say_what_is_wrong(raw, message):
         decode(raw)
 
 
-def test_bad_event_shape_refused():
-    """An event with a text content instead of bytes is refused."""
+def test_bad_batch_shape_refused():
+    """A batch with a text payload instead of bytes is refused."""
     bad = Request(1, "publish", "events", 0, (("probe", 1, 1.0, 1.0, 0, "text", b""),), {})
-    with pytest.raises(ProtocolError, match="each event must be"):
+    with pytest.raises(ProtocolError, match="each batch must be"):
         decode(payload(encode_request(bad)))
 
 
@@ -102,7 +102,7 @@ def test_random_payloads_never_crash(raw):
 def test_mutated_frames_never_crash(data):
     """A valid frame with bytes flipped, cut or inserted never raises anything but ProtocolError."""
     raw = bytearray(
-        payload(encode_request(Request(5, "publish", "events", 0, (EVENT,) * 3, {"proof": b""})))
+        payload(encode_request(Request(5, "publish", "events", 0, (BATCH,) * 3, {"proof": b""})))
     )
     for _ in range(data.draw(st.integers(1, 5))):
         op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
@@ -129,3 +129,18 @@ def test_framing_any_chunking(payloads, chunk):
     for i in range(0, len(stream), chunk):
         out.extend(decoder.feed(stream[i : i + chunk]))
     assert out == payloads
+
+
+def test_payload_count_reads_only_the_header():
+    """payload_count gives the number of contents from the array header, 0 for anything else."""
+    from fit_broker.units import pack_contents, payload_count, unpack_contents
+
+    for n in (1, 15, 16, 100, 65535):
+        payload = pack_contents([b"x"] * n)
+        assert payload_count(payload) == n
+        assert len(unpack_contents(payload)) == n
+    assert payload_count(b"") == 0
+    assert payload_count(pack_contents([])) == 0
+    assert payload_count(b"\xc4\x01x") == 0
+    with pytest.raises(ValueError, match="array of byte strings"):
+        unpack_contents(b"\x91\x01")

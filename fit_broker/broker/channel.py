@@ -5,6 +5,7 @@ A channel: one row of the control table and the state it carries at a replica.
 from fit_broker.broker.queue import OutputQueue
 from fit_broker.dedup import RecentIds
 from fit_broker.errors import Status
+from fit_broker.units import payload_count
 
 
 class Refused(Exception):
@@ -65,25 +66,16 @@ class Channel:
                 "unauthorized",
             )
 
-    def publish(self, client, events, proof, now):
+    def publish(self, client, batches, now):
         """
-        Accept a batch from C{client}; return the events appended.
+        Accept batches from C{client}; return the C{(count, batch)} entries appended.
 
-        A batch is refused whole (L{Refused}) when it is not authentic or any
-        event is malformed, so a publisher never has to guess which part of a
-        batch was taken.  Duplicates and events already expired are dropped
-        and counted, and the publish still succeeds.
+        A request is refused whole (L{Refused}) when a batch is not authentic
+        or malformed, so a publisher never has to guess which part was taken.
+        Duplicates and batches already expired are dropped and counted, and
+        the publish still succeeds.  Payloads are never decoded here.
         """
         self.check_publisher(client)
-        if not events:
-            return []
-        reason = self.scheme.check_batch(self.keys, self.tag, client, events, proof)
-        if reason is not None:
-            raise self.refuse(
-                Status.AUTH_FAILED,
-                f"batch from {client!r} on {self.tag!r} failed the {self.scheme.name} check: {reason}",
-                reason,
-            )
         qos = self.spec.qos
         levels = qos.urgency_levels
         max_ttl = qos.ttl
@@ -93,60 +85,76 @@ class Channel:
             recent = self._recent[client] = RecentIds(self.dedup_window, floors=False)
         fresh = []
         duplicates = expired = 0
-        for index, event in enumerate(events):
-            publisher, event_id, timestamp, ttl, urgency = event[:5]
+        for index, batch in enumerate(batches):
+            publisher, first_id, timestamp, ttl, urgency, payload, _ = batch
             if publisher != client:
                 raise self.refuse(
                     Status.BAD_REQUEST,
-                    f"event {index} names publisher {publisher!r}, the connection is {client!r}",
+                    f"batch {index} names publisher {publisher!r}, the connection is {client!r}",
                     "publisher-mismatch",
+                )
+            count = payload_count(payload)
+            if not count:
+                raise self.refuse(
+                    Status.BAD_REQUEST,
+                    f"batch {index}: payload is not a non-empty array of contents",
+                    "bad-payload",
                 )
             if not 0 <= urgency < levels:
                 raise self.refuse(
                     Status.BAD_REQUEST,
-                    f"event {index}: urgency {urgency} outside 0..{levels - 1}",
+                    f"batch {index}: urgency {urgency} outside 0..{levels - 1}",
                     "bad-urgency",
                 )
             if not 0 < ttl <= max_ttl:
                 raise self.refuse(
                     Status.BAD_REQUEST,
-                    f"event {index}: ttl {ttl} outside (0, {max_ttl}]",
+                    f"batch {index}: ttl {ttl} outside (0, {max_ttl}]",
                     "bad-ttl",
                 )
             if timestamp > latest:
                 raise self.refuse(
                     Status.BAD_REQUEST,
-                    f"event {index}: timestamp out of bounds ({timestamp - now:.1f} s ahead)",
+                    f"batch {index}: timestamp out of bounds ({timestamp - now:.1f} s ahead)",
                     "timestamp-out-of-bounds",
                 )
-            key = (publisher, event_id)
+            reason = self.scheme.check_batch(self.keys, self.tag, client, batch)
+            if reason is not None:
+                raise self.refuse(
+                    Status.AUTH_FAILED,
+                    f"batch {index} from {client!r} on {self.tag!r} failed the "
+                    f"{self.scheme.name} check: {reason}",
+                    reason,
+                )
+            key = (publisher, first_id)
             if key in recent:
-                duplicates += 1
+                duplicates += count
             elif timestamp + ttl <= now:
-                expired += 1
+                expired += count
             else:
                 recent.add(key, urgency)
-                fresh.append(event)
+                fresh.append((count, batch))
         if duplicates:
             self.count("duplicate", duplicates)
         if expired:
             self.count("expired-on-arrival", expired)
         self.registered.add(client)
         appended = []
-        for _, batch in self.ordering.submit(self.tag, fresh, now):
-            self.append(batch)
-            appended.extend(batch)
+        for _, entries in self.ordering.submit(self.tag, fresh, now):
+            self.append(entries)
+            appended.extend(entries)
         return appended
 
-    def append(self, batch):
+    def append(self, entries):
         """
-        Put an ordered batch into every subscriber's queue.
+        Put ordered C{(count, batch)} entries into every subscriber's queue.
         """
-        if not batch:
+        if not entries:
             return
-        self.counters["accepted"] += len(batch)
+        events = sum(entry[0] for entry in entries)
+        self.counters["accepted"] += events
         for queue in self.queues.values():
-            queue.extend(batch)
+            queue.extend(entries, events)
 
     def subscribe(self, client, resume):
         self.check_subscriber(client)

@@ -7,14 +7,17 @@ from collections import deque
 
 class OutputQueue:
     """
-    Events waiting for one subscriber of one channel.
+    Batches waiting for one subscriber of one channel, bounded in events.
 
     Higher urgency levels leave first; within a level, arrival order.  When
-    the queue holds C{capacity} events, C{drop-oldest} discards the oldest
-    event of the least urgent level present (so an alarm outlives routine
-    traffic) and C{drop-newest} discards the arriving event.  Expired events
-    are dropped when they reach the head of their level and by L{expire}.
-    Every discard is counted.
+    the queue holds more than C{capacity} events, C{drop-oldest} discards the
+    oldest batches of the least urgent level present (so an alarm outlives
+    routine traffic) and C{drop-newest} discards the arriving ones.  Expired
+    batches are dropped when they reach the head of their level and by
+    L{expire}.  Discards are whole publisher batches, and every discarded
+    event is counted.
+
+    Entries are C{(count, batch)} pairs of wire batches.
     """
 
     __slots__ = ("capacity", "drop_oldest", "levels", "size", "counters")
@@ -35,88 +38,88 @@ class OutputQueue:
     def __len__(self):
         return self.size
 
-    def extend(self, events):
+    def extend(self, entries, events):
         """
-        Append accepted events (their urgency already checked in range).
+        Append C{(count, batch)} entries holding C{events} events in all,
+        their urgency already checked in range.
         """
         levels = self.levels
-        if len(levels) == 1:
-            levels[0].extend(events)
-        else:
-            for event in events:
-                levels[event[4]].append(event)
-        added = len(events)
-        self.size += added
-        self.counters["enqueued"] += added
-        excess = self.size - self.capacity
-        if excess > 0:
-            self._overflow(excess, events)
+        for entry in entries:
+            levels[entry[1][4]].append(entry)
+        self.size += events
+        self.counters["enqueued"] += events
+        if self.size > self.capacity:
+            self._overflow(entries)
 
-    def _overflow(self, excess, arrived):
-        counters = self.counters
-        counters["overflowed"] += excess
-        self.size -= excess
+    def _overflow(self, arrived):
+        dropped = 0
         if self.drop_oldest:
             for level in self.levels:
-                while excess and level:
-                    take = min(excess, len(level))
-                    if take == len(level):
-                        level.clear()
-                    else:
-                        for _ in range(take):
-                            level.popleft()
-                    excess -= take
-                if not excess:
-                    return
+                while level and self.size - dropped > self.capacity:
+                    dropped += level.popleft()[0]
+                if self.size - dropped <= self.capacity:
+                    break
         else:
-            # drop the newest: the arriving events, taken back from the ends
-            # of their levels, newest first.
-            for event in reversed(arrived):
-                if not excess:
-                    return
-                self.levels[event[4]].pop()
-                excess -= 1
+            for entry in reversed(arrived):
+                if self.size - dropped <= self.capacity:
+                    break
+                self.levels[entry[1][4]].pop()
+                dropped += entry[0]
+        self.size -= dropped
+        self.counters["overflowed"] += dropped
 
     def take(self, count, now):
         """
-        Remove and return up to C{count} unexpired events, most urgent first.
+        Remove and return unexpired batches, most urgent first, holding at
+        least one and at most C{count} events, unless the first batch alone
+        holds more.
         """
         taken = []
-        expired = 0
+        events = expired = 0
+        full = False
         for level in reversed(self.levels):
-            while level and len(taken) < count:
-                event = level.popleft()
-                if event[2] + event[3] <= now:
-                    expired += 1
-                else:
-                    taken.append(event)
-            if len(taken) >= count:
+            while level:
+                entry = level[0]
+                batch = entry[1]
+                if batch[2] + batch[3] <= now:
+                    level.popleft()
+                    expired += entry[0]
+                    continue
+                if taken and events + entry[0] > count:
+                    full = True
+                    break
+                level.popleft()
+                taken.append(batch)
+                events += entry[0]
+                if events >= count:
+                    full = True
+                    break
+            if full:
                 break
-        self.size -= len(taken) + expired
-        self.counters["delivered"] += len(taken)
+        self.size -= events + expired
+        self.counters["delivered"] += events
         if expired:
             self.counters["expired"] += expired
         return taken
 
     def expire(self, now):
         """
-        Drop expired events from the head of every level; return how many.
+        Drop expired batches from the head of every level; return the events dropped.
 
-        Events behind a longer-lived head are caught when they reach it.
+        Batches behind a longer-lived head are caught when they reach it.
         """
         expired = 0
         for level in self.levels:
-            while level and level[0][2] + level[0][3] <= now:
-                level.popleft()
-                expired += 1
+            while level and level[0][1][2] + level[0][1][3] <= now:
+                expired += level.popleft()[0]
         self.size -= expired
         self.counters["expired"] += expired
         return expired
 
     def clear(self):
         """
-        Forget every waiting event (a subscriber asked to start afresh),
-        counting them as reset.
+        Forget every waiting batch (a subscriber asked to start afresh),
+        counting their events as reset.
         """
         for level in self.levels:
             level.clear()

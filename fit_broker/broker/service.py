@@ -67,13 +67,12 @@ class BrokerService:
         seq = request.seq
         tag = channel.tag
         if method == units.PUBLISH:
-            proof = request.options.get("proof", b"")
-            if type(proof) is not bytes:
-                raise channel.refuse(Status.BAD_REQUEST, "proof must be bytes", "bad-proof-type")
-            appended = channel.publish(client, request.events, proof, now)
+            appended = channel.publish(client, request.batches, now)
             if appended:
                 self.on_ready(tag)
-            return Reply(seq, Status.OK, channel=tag, info={"appended": len(appended)})
+            return Reply(
+                seq, Status.OK, channel=tag, info={"appended": sum(e[0] for e in appended)}
+            )
         if method == units.REGISTER:
             channel.check_publisher(client)
             channel.registered.add(client)
@@ -89,15 +88,15 @@ class BrokerService:
             return Reply(seq, Status.OK, channel=tag)
         if method == units.RECEIVE:
             count = max(0, min(request.count, MAX_RECEIVE))
-            events = channel.take(client, count, now)
-            return Reply(seq, Status.OK, events=tuple(events), channel=tag)
+            batches = channel.take(client, count, now)
+            return Reply(seq, Status.OK, batches=tuple(batches), channel=tag)
         return Reply(
             seq, Status.UNKNOWN_METHOD, f"method {method!r} is not served here", channel=tag
         )
 
     def take(self, tag, client, count, now):
         """
-        Remove up to C{count} events waiting for C{client} on channel C{tag}.
+        Remove batches of about C{count} events waiting for C{client} on C{tag}.
         """
         channel = self.channels[tag]
         queue = channel.queues.get(client)

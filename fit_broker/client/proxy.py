@@ -68,6 +68,8 @@ class ReplicaLink(Protocol):
 
 
 class _LinkFactory(Factory):
+    noisy = False
+
     def __init__(self, proxy, index):
         self.proxy = proxy
         self.index = index

@@ -9,7 +9,7 @@ from twisted.python.failure import Failure
 
 from fit_broker import units
 from fit_broker.errors import FitBrokerError, RequestFailed
-from fit_broker.units import Request
+from fit_broker.units import Request, pack_contents
 
 BATCH_SIZE = 100
 MAX_IN_FLIGHT = 64
@@ -19,11 +19,13 @@ class Publisher:
     """
     Publishes events, batching what is published in one reactor turn.
 
-    A publish is acknowledged once the channel's mode says enough replicas
-    accepted it (CFT: f+1, so f crashes cannot lose it).  Event ids start
-    from the clock in microseconds and increase by one per event, so a
-    restarted publisher continues above its earlier ids and a retry with the
-    same ids is recognised as a duplicate everywhere.
+    Contents published in one reactor turn to one channel with one urgency
+    and TTL travel as one batch (up to C{batch_size} events).  A publish is
+    acknowledged once the channel's mode says enough replicas accepted it
+    (CFT: f+1, so f crashes cannot lose it).  Event ids start from the clock
+    in microseconds and increase by one per event, so a restarted publisher
+    continues above its earlier ids, and a retried batch keeps its ids and is
+    recognised as a duplicate everywhere.
 
     @ivar max_in_flight: batches sent and not yet acknowledged at most;
         beyond it batches wait here, which slows the application's Deferreds.
@@ -92,64 +94,74 @@ class Publisher:
                 )
             )
         ttl = spec.qos.effective_ttl(ttl)
-        now = self.clock.seconds()
-        first = self._next_id
-        self._next_id += len(contents)
-        client = self.client
-        events = [
-            (client, first + i, now, ttl, urgency, content, b"")
-            for i, content in enumerate(contents)
-        ]
-        ids = list(range(first, first + len(contents)))
-        pieces = []
+        key = (tag, urgency, ttl)
+        waiters = []
         position = 0
-        while position < len(events):
-            batch = self._open.get(tag)
-            if batch is None:
-                batch = self._open[tag] = ([], [])
-            room = self.batch_size - len(batch[0])
-            batch[0].extend(events[position : position + room])
-            position += room
+        while position < len(contents):
+            pending = self._open.get(key)
+            if pending is None:
+                pending = self._open[key] = ([], [])
+            room = self.batch_size - len(pending[0])
+            chunk = contents[position : position + room]
+            pending[0].extend(chunk)
+            position += len(chunk)
             d = Deferred()
-            batch[1].append(d)
-            pieces.append(d)
-            if len(batch[0]) >= self.batch_size:
-                self._close(tag)
-        if tag in self._open and self._flush_call is None:
+            pending[1].append((d, len(pending[0]) - len(chunk), len(chunk)))
+            waiters.append(d)
+            if len(pending[0]) >= self.batch_size:
+                self._close(key)
+        if self._open and self._flush_call is None:
             self._flush_call = self.clock.callLater(0, self._flush_all)
-        result = DeferredList(pieces, fireOnOneErrback=True, consumeErrors=True)
-        result.addCallbacks(lambda _: ids, lambda f: f.value.subFailure)
+        result = DeferredList(waiters, fireOnOneErrback=True, consumeErrors=True)
+        result.addCallbacks(
+            lambda results: [i for _, chunk_ids in results for i in chunk_ids],
+            lambda f: f.value.subFailure,
+        )
         return result
 
     def _flush_all(self):
         self._flush_call = None
-        for tag in list(self._open):
-            self._close(tag)
+        for key in list(self._open):
+            self._close(key)
 
-    def _close(self, tag):
-        events, waiters = self._open.pop(tag)
-        spec = self.config.channels[tag]
-        scheme = self.schemes(spec.scheme)
-        events, proof = scheme.protect(self.keys, tag, events)
-        options = {"proof": proof} if proof else {}
-        self._waiting.append((tag, tuple(events), options, waiters))
+    def _close(self, key):
+        """
+        Seal the open batch of C{key}: give it its ids, protect it, send it.
+        """
+        contents, waiters = self._open.pop(key)
+        tag, urgency, ttl = key
+        first = self._next_id
+        self._next_id += len(contents)
+        batch = (
+            self.client,
+            first,
+            self.clock.seconds(),
+            ttl,
+            urgency,
+            pack_contents(contents),
+            b"",
+        )
+        scheme = self.schemes(self.config.channels[tag].scheme)
+        batch = scheme.protect(self.keys, tag, batch)
+        chunks = [(d, list(range(first + offset, first + offset + n))) for d, offset, n in waiters]
+        self._waiting.append((tag, batch, chunks))
         self._send_waiting()
 
     def _send_waiting(self):
         while self._waiting and self._in_flight < self.max_in_flight:
-            tag, events, options, waiters = self._waiting.popleft()
+            tag, batch, chunks = self._waiting.popleft()
             self._in_flight += 1
-            request = Request(self.proxy.next_seq(), units.PUBLISH, tag, 0, events, options)
+            request = Request(self.proxy.next_seq(), units.PUBLISH, tag, 0, (batch,))
             d = self.proxy.invoke(request, self.config.acks_needed(tag))
-            d.addBoth(self._acknowledged, waiters)
+            d.addBoth(self._acknowledged, chunks)
 
-    def _acknowledged(self, result, waiters):
+    def _acknowledged(self, result, chunks):
         self._in_flight -= 1
-        for waiter in waiters:
+        for waiter, ids in chunks:
             if isinstance(result, Failure):
                 waiter.errback(result)
             else:
-                waiter.callback(result)
+                waiter.callback(ids)
         self._send_waiting()
 
     @property

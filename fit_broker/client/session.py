@@ -7,6 +7,7 @@ import attrs
 from fit_broker.client.proxy import ServiceProxy
 from fit_broker.client.publisher import Publisher
 from fit_broker.client.subscriber import Subscriber
+from fit_broker.credentials import client_credentials
 from fit_broker.errors import ConfigError
 from fit_broker.schemes.registry import scheme_lookup
 
@@ -26,6 +27,9 @@ def open_session(config, client, reactor, keys=None, endpoints=None, **options):
     """
     Start connecting to every replica of C{config} as C{client}.
 
+    Without C{keys} and C{endpoints}, the client's key ring and TLS
+    certificate are read from the cluster's keys folder when it uses them.
+
     @param options: C{credit} for the subscriber, C{batch_size} and
         C{max_in_flight} for the publisher, C{timeout} for the proxy.
     """
@@ -35,6 +39,8 @@ def open_session(config, client, reactor, keys=None, endpoints=None, **options):
             f"known: {', '.join(sorted(config.clients)) or 'none'}"
         )
     schemes = scheme_lookup(config)
+    if endpoints is None and keys is None:
+        keys, endpoints = client_credentials(config, client, reactor)
     proxy_options = {k: options.pop(k) for k in ("timeout",) if k in options}
     proxy = ServiceProxy(config, client, reactor, endpoints, **proxy_options)
     publisher_options = {k: options.pop(k) for k in ("batch_size", "max_in_flight") if k in options}

@@ -9,7 +9,7 @@ from twisted.logger import Logger
 from fit_broker import units
 from fit_broker.components import VOTERS
 from fit_broker.errors import FitBrokerError, RequestFailed
-from fit_broker.units import CONTENT, Event, Request
+from fit_broker.units import PAYLOAD, Request, batch_events, payload_count
 
 DEFAULT_CREDIT = 2000
 VOTER_EXPIRY_INTERVAL = 1.0
@@ -30,8 +30,8 @@ class Subscriber:
     """
     Subscribes to channels and hands each decided event to the application once.
 
-    Every replica pushes copies; the channel's voter decides which copy is
-    the event (CFT: the first).  Credits go back to a replica only after the
+    Every replica pushes copies of batches; the channel's voter decides which
+    copy is the batch (CFT: the first), and only that one is decoded.  Credits go back to a replica only after the
     application has taken the events it sent, so a slow console stops its
     own streams at the replicas and holds at most C{credit} events per
     replica and channel here.
@@ -50,6 +50,7 @@ class Subscriber:
         self.voters = {}
         self._streams = {}
         self._pulled = {}
+        self._opened = {}
         self._expiry = None
         proxy.on_delivery = self._delivery
         proxy.on_link_up.append(self._link_up)
@@ -138,8 +139,10 @@ class Subscriber:
         if stream is None:
             self.proxy.count("delivery-without-stream")
             return
-        decided = self.voter(stream.tag).offer(index, delivery.events, self.clock.seconds())
-        stream.owed[index] = stream.owed.get(index, 0) + len(delivery.events)
+        decided = self.voter(stream.tag).offer(index, delivery.batches, self.clock.seconds())
+        stream.owed[index] = stream.owed.get(index, 0) + sum(
+            payload_count(batch[PAYLOAD]) for batch in delivery.batches
+        )
         if stream.busy:
             stream.backlog.extend(decided)
             return
@@ -180,13 +183,24 @@ class Subscriber:
                 self.proxy.send(index, Request(0, units.CREDIT, stream.tag, owed))
 
     def _events(self, tag, decided):
+        """
+        Open and decode decided batches into L{Event}s.
+        """
         scheme = self.schemes(self.config.channels[tag].scheme)
-        if scheme.name == "si":
-            return [Event(*t) for t in decided]
         keys = self.keys
-        return [
-            Event(*t[:CONTENT], scheme.open(keys, tag, t), t[CONTENT + 1]) for t in decided
-        ]
+        events = []
+        for batch in decided:
+            try:
+                contents = scheme.open(keys, tag, batch)
+            except ValueError as e:
+                self.proxy.count(f"unopenable:{tag}")
+                self.log.warn(
+                    "cannot open a batch of {publisher} on {tag}: {why}",
+                    publisher=batch[0], tag=tag, why=e,
+                )
+                continue
+            events.extend(batch_events(batch, contents))
+        return events
 
     def receive(self, tag, count):
         """
@@ -197,12 +211,12 @@ class Subscriber:
         except FitBrokerError:
             return fail()
         buffer = self._pulled.setdefault(tag, [])
-        if len(buffer) >= count:
+        if len(self._opened.get(tag, ())) >= count:
             return succeed(self._take(tag, count))
         voter = self.voter(tag)
 
         def observe(index, reply):
-            buffer.extend(voter.offer(index, reply.events, self.clock.seconds()))
+            buffer.extend(voter.offer(index, reply.batches, self.clock.seconds()))
 
         request = Request(self.proxy.next_seq(), units.RECEIVE, tag, count)
         d = self.proxy.invoke(request, self.config.acks_needed(tag), retry=False, observe=observe)
@@ -211,5 +225,10 @@ class Subscriber:
 
     def _take(self, tag, count):
         buffer = self._pulled[tag]
-        taken, self._pulled[tag] = buffer[:count], buffer[count:]
-        return self._events(tag, taken)
+        if buffer:
+            self._pulled[tag] = []
+            buffer = self._events(tag, buffer)
+        events = self._opened.setdefault(tag, [])
+        events.extend(buffer)
+        taken, self._opened[tag] = events[:count], events[count:]
+        return taken

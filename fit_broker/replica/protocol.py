@@ -9,11 +9,11 @@ from zope.interface import implementer
 
 from fit_broker import units
 from fit_broker.errors import ProtocolError, Status
-from fit_broker.units import Reply, Request
+from fit_broker.units import Reply, Request, payload_count
 from fit_broker.wire.codec import decode, encode_delivery, encode_reply
 from fit_broker.wire.framing import FrameDecoder
 
-DELIVERY_BATCH = 200
+DELIVERY_EVENTS = 400
 
 
 @implementer(IPushProducer)
@@ -127,11 +127,11 @@ class ReplicaProtocol(Protocol):
         for tag, credit in self.credits.items():
             if credit <= 0:
                 continue
-            events = replica.broker.take(tag, self.client, min(credit, DELIVERY_BATCH), now)
-            if not events:
+            batches = replica.broker.take(tag, self.client, min(credit, DELIVERY_EVENTS), now)
+            if not batches:
                 continue
-            self.transport.write(encode_delivery(tag, events))
-            credit -= len(events)
+            self.transport.write(encode_delivery(tag, batches))
+            credit -= sum(payload_count(batch[5]) for batch in batches)
             self.credits[tag] = credit
             if credit > 0 and replica.broker.waiting(tag, self.client):
                 more = True
@@ -159,6 +159,8 @@ class ReplicaProtocol(Protocol):
 
 
 class ReplicaFactory(Factory):
+    noisy = False
+
     def __init__(self, replica):
         self.replica = replica
 

@@ -6,6 +6,7 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from fit_broker.broker.service import BrokerService
 from fit_broker.replica.protocol import ReplicaFactory
@@ -77,19 +78,25 @@ class Replica:
         return {"connections": dict(self.counters), **self.broker.snapshot()}
 
 
-def make_replica_service(config, index, reactor, schemes, keys=None, endpoint=None, identify=None):
+def make_replica_service(
+    config, index, reactor, schemes, keys=None, endpoint=None, identify=None, tls_options=None
+):
     """
     Return a service running replica C{index} of C{config}.
 
-    @param endpoint: a server endpoint to use instead of the configured one
-        (the embedded cluster passes TLS endpoints).
+    @param endpoint: a server endpoint to use instead of the configured one.
+    @param tls_options: when given, every connection runs mutual TLS with
+        them, and C{identify} reads the client's name from its certificate.
     """
     replica = Replica(config, index, reactor, schemes, keys, identify)
     top = MultiService()
     top.setName(f"replica-{index}")
     if endpoint is None:
         endpoint = serverFromString(reactor, config.replicas[index].listen)
-    listener = StreamServerEndpointService(endpoint, ReplicaFactory(replica))
+    factory = ReplicaFactory(replica)
+    if tls_options is not None:
+        factory = TLSMemoryBIOFactory(tls_options, False, factory)
+    listener = StreamServerEndpointService(endpoint, factory)
     listener.setServiceParent(top)
     expiry = TimerService(EXPIRY_INTERVAL, replica.expire)
     expiry.clock = reactor

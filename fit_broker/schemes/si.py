@@ -8,7 +8,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from fit_broker.interfaces import IProtectionScheme
-from fit_broker.units import CONTENT
+from fit_broker.units import PAYLOAD, unpack_contents
 
 
 @implementer(IPlugin, IProtectionScheme)
@@ -16,17 +16,17 @@ class SimpleIdentification:
     name = "si"
     subscriber_verifiable = False
 
-    def protect(self, keys, channel, events):
-        return events, b""
+    def protect(self, keys, channel, batch):
+        return batch
 
-    def check_batch(self, keys, channel, publisher, events, batch_proof):
+    def check_batch(self, keys, channel, publisher, batch):
         return None
 
-    def check_event(self, keys, channel, event):
+    def check_delivered(self, keys, channel, batch):
         return None
 
-    def open(self, keys, channel, event):
-        return event[CONTENT]
+    def open(self, keys, channel, batch):
+        return unpack_contents(batch[PAYLOAD])
 
 
 si = SimpleIdentification()

@@ -3,11 +3,12 @@ The message codec: one version byte, then a msgpack array.
 
 Messages::
 
-    request:  [1, seq, method, channel, count, events, options]
-    reply:    [2, seq, status, text, channel, events, info]
-    delivery: [3, channel, events]
+    request:  [1, seq, method, channel, count, batches, options]
+    reply:    [2, seq, status, text, channel, batches, info]
+    delivery: [3, channel, batches]
 
-and events are 7-element arrays in L{fit_broker.units.EVENT_FIELDS} order.
+and batches are 7-element arrays in L{fit_broker.units.BATCH_FIELDS} order,
+whose payload stays one opaque byte string.
 Decoding never builds anything but lists, tuples, dicts, str, bytes, ints and
 floats (msgpack executes no code), and every message is checked for shape and
 types before it leaves this module: a peer's bad bytes become a
@@ -38,7 +39,7 @@ def encode_request(request):
                 request.method,
                 request.channel,
                 request.count,
-                request.events,
+                request.batches,
                 request.options,
             )
         )
@@ -55,40 +56,40 @@ def encode_reply(reply):
                 reply.status,
                 reply.text,
                 reply.channel,
-                reply.events,
+                reply.batches,
                 reply.info,
             )
         )
     )
 
 
-def encode_delivery(channel, events):
+def encode_delivery(channel, batches):
     """
-    Encode a pushed batch; C{events} is a sequence of wire tuples.
+    Encode pushed batches (wire tuples).
     """
-    return frame(_VERSION_BYTE + _pack((DELIVERY, channel, events)))
+    return frame(_VERSION_BYTE + _pack((DELIVERY, channel, batches)))
 
 
-def _check_events(events):
-    if type(events) is not tuple:
-        raise ProtocolError("events must be an array")
-    for event in events:
+def _check_batches(batches):
+    if type(batches) is not tuple:
+        raise ProtocolError("batches must be an array")
+    for batch in batches:
         if (
-            type(event) is not tuple
-            or len(event) != 7
-            or type(event[0]) is not str
-            or type(event[1]) is not int
-            or type(event[2]) not in (float, int)
-            or type(event[3]) not in (float, int)
-            or type(event[4]) is not int
-            or type(event[5]) is not bytes
-            or type(event[6]) is not bytes
+            type(batch) is not tuple
+            or len(batch) != 7
+            or type(batch[0]) is not str
+            or type(batch[1]) is not int
+            or type(batch[2]) not in (float, int)
+            or type(batch[3]) not in (float, int)
+            or type(batch[4]) is not int
+            or type(batch[5]) is not bytes
+            or type(batch[6]) is not bytes
         ):
             raise ProtocolError(
-                "each event must be [publisher:str, event_id:int, timestamp:float, "
-                "ttl:float, urgency:int, content:bin, protection:bin]"
+                "each batch must be [publisher:str, first_id:int, timestamp:float, "
+                "ttl:float, urgency:int, payload:bin, proof:bin]"
             )
-    return events
+    return batches
 
 
 def decode(payload):
@@ -116,12 +117,12 @@ def decode(payload):
     kind = message[0]
     try:
         if kind == DELIVERY:
-            _, channel, events = message
+            _, channel, batches = message
             if type(channel) is not str:
                 raise ProtocolError("delivery channel must be a string")
-            return Delivery(channel, _check_events(events))
+            return Delivery(channel, _check_batches(batches))
         if kind == REQUEST:
-            _, seq, method, channel, count, events, options = message
+            _, seq, method, channel, count, batches, options = message
             if (
                 type(seq) is not int
                 or type(method) is not str
@@ -132,9 +133,9 @@ def decode(payload):
                 raise ProtocolError("request fields have the wrong types")
             if method not in METHODS:
                 raise ProtocolError(f"unknown method {method[:40]!r}")
-            return Request(seq, method, channel, count, _check_events(events), options)
+            return Request(seq, method, channel, count, _check_batches(batches), options)
         if kind == REPLY:
-            _, seq, status, text, channel, events, info = message
+            _, seq, status, text, channel, batches, info = message
             if (
                 type(seq) is not int
                 or type(status) is not str
@@ -143,7 +144,7 @@ def decode(payload):
                 or type(info) is not dict
             ):
                 raise ProtocolError("reply fields have the wrong types")
-            return Reply(seq, status, text, _check_events(events), channel, info)
+            return Reply(seq, status, text, _check_batches(batches), channel, info)
     except ValueError:
         raise ProtocolError(f"message of kind {kind} has the wrong number of fields") from None
     raise ProtocolError(f"unknown message kind {kind}")

@@ -11,3 +11,11 @@ fitbroker = ServiceMaker(
     "(no options: an embedded local cluster).",
     "fitbroker",
 )
+
+fitbroker_syslog = ServiceMaker(
+    "FIT Broker syslog ingest",
+    "fit_broker.syslog.tap",
+    "Receive syslog (RFC 3164 and 5424 over UDP, TCP and TLS) from legacy "
+    "probes and publish each message into the cluster.",
+    "fitbroker-syslog",
+)

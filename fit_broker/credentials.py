@@ -1,0 +1,66 @@
+"""
+What a replica or client needs to prove who it is: its key ring and, with
+TLS on, its certificate, both read from the cluster's keys folder.
+"""
+
+from twisted.internet.endpoints import clientFromString, wrapClientTLS
+
+from fit_broker.errors import ConfigError
+from fit_broker.keys import load_keyring, replica_identity
+from fit_broker.pki import load_tls_material, replica_hostname
+from fit_broker.tls import client_tls_options, peer_identity, server_tls_options
+
+
+def _keys_dir(config, why):
+    if config.keys_dir is None:
+        raise ConfigError(f"{config.path}: [cluster.keys_dir]: expected the keys folder, {why}")
+    return config.keys_dir
+
+
+def _needs_keys(config):
+    return config.tls or any(spec.scheme != "si" for spec in config.channels.values())
+
+
+def replica_credentials(config, index):
+    """
+    Return C{(keys, tls_options, identify)} for replica C{index}; each is
+    C{None} when the cluster does not use it.
+    """
+    if not _needs_keys(config):
+        return None, None, None
+    folder = _keys_dir(config, "since channels use keyed schemes or TLS is on")
+    identity = replica_identity(index)
+    keys = load_keyring(folder, identity)
+    if not config.tls:
+        return keys, None, None
+    material = load_tls_material(folder, identity)
+    options = server_tls_options(material.ca_pem, material.cert_pem, material.key_pem)
+    return keys, options, lambda transport: peer_identity(transport, config.name)
+
+
+def client_credentials(config, client, reactor):
+    """
+    Return C{(keys, endpoints)} for C{client}: its key ring (or C{None}) and,
+    with TLS on, one TLS endpoint per replica that checks the replica's
+    identity (or C{None} for the configured plain endpoints).
+    """
+    if not _needs_keys(config):
+        return None, None
+    folder = _keys_dir(config, "since channels use keyed schemes or TLS is on")
+    keys = load_keyring(folder, client)
+    if not config.tls:
+        return keys, None
+    material = load_tls_material(folder, client)
+    endpoints = [
+        wrapClientTLS(
+            client_tls_options(
+                material.ca_pem,
+                material.cert_pem,
+                material.key_pem,
+                replica_hostname(config.name, spec.index),
+            ),
+            clientFromString(reactor, spec.connect),
+        )
+        for spec in config.replicas
+    ]
+    return keys, endpoints
