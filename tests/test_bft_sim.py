@@ -180,3 +180,77 @@ def test_beyond_threshold_withholding_stalls():
     publish_rounds(net, pub, rounds=1)
     net.run(1)
     assert got == []
+
+
+def _refusal(net, scheme, tamper):
+    """Publish with a tampered key ring; return the failure and replica 0's channel counters."""
+    from twisted.logger import capturedLogs
+
+    pub = net.client("probe")
+    tamper(pub.publisher.keys)
+    with capturedLogs() as logs:
+        d = pub.publisher.publish("events", b"x")
+        net.run()
+    failure = d.result
+    d.addErrback(lambda f: None)
+    messages = [e.get("log_format", "").format(**e) for e in logs if "refused" in e.get("log_format", "")]
+    return failure, net.replicas[0].broker.channels["events"].counters, messages
+
+
+def test_wrong_mac_refused_counted_logged():
+    """A batch with a wrong MAC is refused by every replica with a counted, logged reason."""
+    import os
+
+    net = bft_net("ha")
+
+    def tamper(keys):
+        for key in list(keys.mac_keys):
+            keys.mac_keys[key] = os.urandom(32)
+
+    failure, counters, messages = _refusal(net, "ha", tamper)
+    assert failure.value.status == "auth-failed" and "bad-mac" in failure.value.text
+    assert counters["refused:bad-mac"] == 1
+    assert any("bad-mac" in m and "'probe'" in m for m in messages)
+
+
+def test_bad_signature_refused_counted_logged():
+    """A batch signed with another key is refused by every replica with a counted, logged reason."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    net = bft_net("pks")
+
+    def tamper(keys):
+        keys.signing_keys["probe"] = Ed25519PrivateKey.generate()
+
+    failure, counters, messages = _refusal(net, "pks", tamper)
+    assert failure.value.status == "auth-failed" and "bad-signature" in failure.value.text
+    assert counters["refused:bad-signature"] == 1
+    assert any("bad-signature" in m for m in messages)
+
+
+def test_unauthorised_publisher_refused_counted_logged():
+    """A client the control table does not allow on a channel is refused by replicas, counted and logged."""
+    import attrs
+    from twisted.logger import capturedLogs
+
+    from fit_broker.units import Request, pack_contents
+
+    config = cluster_config(("events",), qop="bft", scheme="si", clients=("probe", "console"))
+    config.channels["events"] = attrs.evolve(
+        config.channels["events"], publishers=frozenset({"console"})
+    )
+    net = SimNet(config)
+    pub = net.client("probe")
+    refused_locally = pub.publisher.publish("events", b"x")
+    assert "may not publish" in str(refused_locally.result.value)
+    refused_locally.addErrback(lambda f: None)
+    # a hostile client that sends anyway is refused by every replica
+    batch = ("probe", 1, net.clock.seconds(), 10.0, 0, pack_contents([b"x"]), b"")
+    with capturedLogs() as logs:
+        d = pub.proxy.invoke(Request(pub.proxy.next_seq(), "publish", "events", 0, (batch,)), 3)
+        net.run()
+    assert d.result.value.status == "unauthorized"
+    d.addErrback(lambda f: None)
+    for replica in net.replicas:
+        assert replica.broker.channels["events"].counters["refused:unauthorized"] == 1
+    assert sum("may not publish" in str(e.get("text", "")) for e in logs) == 4

@@ -38,6 +38,7 @@ class ReplicaProtocol(Protocol):
         self._flush_call = None
         self._paused = False
         self._closed = False
+        self._refused = False
 
     def connectionMade(self):
         self.transport.registerProducer(self, True)
@@ -64,7 +65,7 @@ class ReplicaProtocol(Protocol):
         self.replica.count("bad-frame")
         self.log.warn("dropping connection from {peer}: {reason}", peer=self._peer(), reason=reason)
         self.transport.write(encode_reply(Reply(0, Status.BAD_REQUEST, reason)))
-        self._closed = True
+        self._closed = self._refused = True
         self.transport.loseConnection()
 
     def _peer(self):
@@ -105,7 +106,7 @@ class ReplicaProtocol(Protocol):
             self.replica.count("refused-hello")
             self.log.warn("refusing client {name!r}: {problem}", name=name, problem=problem)
             self.transport.write(encode_reply(Reply(request.seq, Status.UNAUTHORIZED, problem)))
-            self._closed = True
+            self._closed = self._refused = True
             self.transport.loseConnection()
             return
         self.client = name
@@ -149,6 +150,8 @@ class ReplicaProtocol(Protocol):
         self._closed = True
 
     def connectionLost(self, reason):
+        if self.client is None and not self._refused:
+            self.replica.link_failed(str(self.transport.getPeer()), reason.getErrorMessage())
         self._closed = True
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()

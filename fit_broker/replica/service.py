@@ -8,11 +8,15 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from fit_broker import units
 from fit_broker.broker.service import BrokerService
+from fit_broker.errors import Status
+from fit_broker.units import Reply
 from fit_broker.replica.protocol import ReplicaFactory
 from fit_broker.wire.framing import DEFAULT_MAX_FRAME
 
 EXPIRY_INTERVAL = 1.0
+LOGGED_REFUSALS = 20
 
 
 class Replica:
@@ -57,7 +61,40 @@ class Replica:
         return {"replica": self.index, "cluster": self.config.name}
 
     def handle(self, client, request):
-        return self.broker.handle(client, request, self.clock.seconds())
+        if request.method == units.STATUS:
+            return Reply(request.seq, Status.OK, info=self.snapshot())
+        reply = self.broker.handle(client, request, self.clock.seconds())
+        if not reply.ok:
+            self.refused(client, request, reply)
+        return reply
+
+    def refused(self, client, request, reply):
+        """
+        Log why a request was refused: every time for the first few of each
+        status, then one in a thousand, so that a flood cannot flood the log
+        (the broker's counters keep the exact numbers).
+        """
+        seen = self.counters.get(f"refused:{reply.status}", 0) + 1
+        self.counters[f"refused:{reply.status}"] = seen
+        if seen <= LOGGED_REFUSALS or seen % 1000 == 0:
+            self.log.warn(
+                "refused {method} on {channel!r} from {client!r}: {status}: {text} "
+                "({seen} so far)",
+                method=request.method,
+                channel=request.channel,
+                client=client,
+                status=reply.status,
+                text=reply.text,
+                seen=seen,
+            )
+
+    def link_failed(self, peer, reason):
+        """
+        Count and log a connection that ended before the client said who it
+        is, such as a TLS handshake refused for a certificate of another CA.
+        """
+        self.count("closed-before-hello")
+        self.log.warn("connection from {peer} ended before hello: {reason}", peer=peer, reason=reason)
 
     def add_stream(self, tag, protocol):
         self.streams.setdefault(tag, set()).add(protocol)
