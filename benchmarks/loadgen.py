@@ -202,7 +202,8 @@ def main(argv=None):
     async def run():
         session = open_session(config, args.client, reactor, **options)
         try:
-            await session.proxy.wait_for_links(config.faults + 1, 30)
+            channels = args.channels.split(",")
+            await session.proxy.wait_for_links(max(config.acks_needed(t) for t in channels), 30)
             role = _publish if args.role == "publish" else _subscribe
             result.update(await role(reactor, args, session))
         except Exception as e:

@@ -5,6 +5,9 @@ Events travel in batches (L{Batch}); L{Event} is the value the client API
 hands to applications.
 """
 
+from hashlib import sha256
+from zlib import crc32
+
 import attrs
 import msgpack
 
@@ -69,10 +72,14 @@ METHODS = frozenset(
 )
 
 
-@attrs.frozen
+@attrs.define(slots=True)
 class Event:
     """
     One event as a publisher sent it.  Its identity is C{(publisher, event_id)}.
+
+    Treat it as read-only.  It is not frozen because subscribers make one per
+    delivered event, and a frozen attrs class costs three times as much to
+    build.
 
     @ivar timestamp: the publisher's clock, seconds since the epoch.
     @ivar ttl: seconds after C{timestamp} at which the event expires.
@@ -126,6 +133,31 @@ class Batch:
             self.payload,
             self.proof,
         )
+
+
+def batch_digest(batch):
+    """
+    Return the SHA-256 digest that stands for a whole wire batch in votes.
+    """
+    return sha256(_pack_contents(batch)).digest()
+
+
+def digest_form(batch, digest):
+    """
+    Return the light copy of C{batch} a replica sends when it is not one of
+    the replicas designated to send the full batch: the header, an empty
+    payload (which no real batch has) and the digest in place of the proof.
+    """
+    return (batch[0], batch[1], batch[2], batch[3], batch[4], b"", digest)
+
+
+def full_copy_senders(publisher, first_id, replicas, copies):
+    """
+    Return the index of the first of the C{copies} replicas (counting on,
+    modulo C{replicas}) that send the full copy of a batch; the others send
+    its digest.  Rotating by batch spreads the bytes over the replicas.
+    """
+    return crc32(first_id.to_bytes(8, "big", signed=True), crc32(publisher.encode())) % replicas
 
 
 def batch_events(batch, contents):

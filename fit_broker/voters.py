@@ -12,6 +12,7 @@ from zope.interface import implementer
 
 from fit_broker.dedup import RecentIds
 from fit_broker.interfaces import IVoter
+from fit_broker.units import batch_digest
 
 DEFAULT_WINDOW = 16_384
 DEFAULT_MAX_PENDING = 20_000
@@ -57,6 +58,8 @@ class FirstCopyVoter(_Voter):
             key = (batch[0], batch[1])
             if key in seen:
                 counters["duplicate"] += 1
+            elif not batch[5]:
+                counters["digest-only"] = counters.get("digest-only", 0) + 1
             elif batch[2] + batch[3] <= now:
                 counters["expired"] += 1
             elif decided_ids.is_stale(batch[0], batch[4], batch[1]):
@@ -95,6 +98,8 @@ class SignatureVoter(_Voter):
             key = (batch[0], batch[1])
             if key in decided_ids:
                 counters["duplicate"] += 1
+            elif not batch[5]:
+                counters["digest-only"] = counters.get("digest-only", 0) + 1
             elif batch[2] + batch[3] <= now:
                 counters["expired"] += 1
             elif decided_ids.is_stale(batch[0], batch[4], batch[1]):
@@ -113,15 +118,20 @@ class SignatureVoter(_Voter):
 @implementer(IVoter)
 class MatchingCopiesVoter(_Voter):
     """
-    BFT: a batch is delivered once f+1 replicas sent identical copies (same
-    publisher, ids, timestamp, TTL, urgency, payload and proof).  f liars can
-    never agree on a forgery alone, and a withheld copy is made up for by the
-    correct replicas.
+    BFT: a batch is delivered once f+1 replicas vouched for the same digest
+    of it (publisher, ids, timestamp, TTL, urgency, payload and proof) and a
+    full copy with that digest is at hand.  f liars can never agree on a
+    forgery alone, and a withheld copy is made up for by correct replicas.
 
-    Pending copies are bounded: each replica may have at most
-    C{max_pending // n} batches waiting on its word, so a replica that floods
-    bogus batches fills only its own quota.  With a subscriber-verifiable
-    scheme, copies that fail verification are refused before they count.
+    Replicas send full copies of a batch from f+1 designated replicas and
+    only digests from the others (PBFT's reply optimisation): at least one
+    designated replica is correct, so a full copy always arrives, and a
+    subscriber reads about half the bytes.
+
+    Pending batches are bounded: each replica may vouch for at most
+    C{max_pending // n} undecided batches, so a replica that floods bogus
+    batches fills only its own quota.  With a subscriber-verifiable scheme,
+    full copies that fail verification are refused before they count.
     """
 
     name = "f-plus-one"
@@ -157,64 +167,80 @@ class MatchingCopiesVoter(_Voter):
             if key in decided_ids:
                 counters["duplicate"] += 1
                 continue
-            if batch[2] + batch[3] <= now:
+            deadline = batch[2] + batch[3]
+            if deadline <= now:
                 counters["expired"] += 1
                 continue
             if decided_ids.is_stale(batch[0], batch[4], batch[1]):
                 counters["stale"] += 1
                 continue
-            if check is not None:
-                reason = check(self._keys, self._channel, batch)
-                if reason is not None:
-                    self.count(f"{reason}:replica-{replica}")
+            if batch[5]:
+                if check is not None:
+                    reason = check(self._keys, self._channel, batch)
+                    if reason is not None:
+                        self.count(f"{reason}:replica-{replica}")
+                        continue
+                digest = batch_digest(batch)
+                full = batch
+            else:
+                digest = batch[6]
+                if len(digest) != 32:
+                    self.count(f"malformed-digest:replica-{replica}")
                     continue
-            variants = pending.get(key)
-            if variants is None:
+                full = None
+            entry = pending.get(key)
+            if entry is None:
                 if owned.get(replica, 0) >= self.quota:
                     self.count(f"over-quota:replica-{replica}")
                     continue
-                pending[key] = {batch: {replica}}
-                owned[replica] = owned.get(replica, 0) + 1
-                if needed == 1:
-                    decided.append(self._decide(key, batch))
-                continue
-            if any(replica in voters for voters in variants.values()):
-                self.count(f"repeated:replica-{replica}")
-                continue
-            voters = variants.get(batch)
+                entry = pending[key] = [{}, {}, deadline]
+            else:
+                if any(replica in voters for voters in entry[0].values()):
+                    self.count(f"repeated:replica-{replica}")
+                    continue
+                if owned.get(replica, 0) >= self.quota:
+                    self.count(f"over-quota:replica-{replica}")
+                    continue
+                if deadline > entry[2]:
+                    entry[2] = deadline
+            voters = entry[0].get(digest)
             if voters is None:
-                if owned.get(replica, 0) >= self.quota:
-                    self.count(f"over-quota:replica-{replica}")
-                    continue
-                voters = variants[batch] = set()
+                voters = entry[0][digest] = set()
             voters.add(replica)
             owned[replica] = owned.get(replica, 0) + 1
+            if full is not None and digest not in entry[1]:
+                entry[1][digest] = full
             if len(voters) >= needed:
-                decided.append(self._decide(key, batch))
+                winner = entry[1].get(digest)
+                if winner is not None:
+                    self._decide(key, digest)
+                    if winner[2] + winner[3] <= now:
+                        counters["expired"] += 1
+                    else:
+                        decided.append(winner)
         counters["delivered"] += len(decided)
         return decided
 
-    def _decide(self, key, batch):
-        variants = self._pending.pop(key)
+    def _decide(self, key, digest):
+        votes, fulls, _ = self._pending.pop(key)
         owned = self._owned
-        for variant, voters in variants.items():
+        for variant, voters in votes.items():
             for replica in voters:
                 owned[replica] -= 1
-                if variant != batch:
+                if variant != digest:
                     self.count(f"mismatch:replica-{replica}")
-        self._decided.add(key, batch[4])
-        return batch
+        self._decided.add(key, fulls[digest][4])
 
     def expire(self, now):
         """
-        Drop pending batches once every variant of them has expired, counting each.
+        Drop pending batches whose latest claimed deadline passed, counting each.
         """
         owned = self._owned
-        for key, variants in list(self._pending.items()):
-            if all(v[2] + v[3] <= now for v in variants):
+        for key, (votes, _, deadline) in list(self._pending.items()):
+            if deadline <= now:
                 del self._pending[key]
                 self.counters["expired"] += 1
-                for voters in variants.values():
+                for voters in votes.values():
                     for replica in voters:
                         owned[replica] -= 1
 

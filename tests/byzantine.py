@@ -68,7 +68,11 @@ def _with(batch, **changes):
 
 
 def _evil(batch):
-    """The batch with every content prefixed by EVIL, its proof kept."""
+    """The batch with every content prefixed by EVIL, its proof kept (a digest copy: another digest)."""
+    if not batch[5]:
+        digest = bytearray(batch[6])
+        digest[0] ^= 1
+        return _with(batch, proof=bytes(digest))
     contents = unpack_contents(batch[5]) if batch[6] == b"" else None
     if contents is None:
         # a protected payload: flip a byte the proof covers

@@ -97,7 +97,7 @@ class ReplicaProcesses:
         )
         out.close()
 
-    def start_all(self, timeout=20):
+    def start_all(self, timeout=60):
         for index in range(len(self.ports)):
             self.start(index)
         for port in self.ports:

@@ -104,9 +104,14 @@ class SimNet:
         self.paused = set()
 
     def _replica(self, index):
-        return Replica(
+        replica = Replica(
             self.config, index, self.clock, self.schemes, self.keyrings.get(replica_identity(index))
         )
+        if index in self.faulty:
+            # a Byzantine replica holds every batch and may send any of them in full
+            for channel in replica.broker.channels.values():
+                channel.light_copies = None
+        return replica
 
     def client(self, name, **options):
         endpoints = [_SimEndpoint(self, i) for i in range(len(self.replicas))]

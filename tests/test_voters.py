@@ -47,3 +47,53 @@ def test_publishers_are_independent():
     """The same event id from two publishers is two events."""
     voter = FirstCopyVoter()
     assert len(voter.offer(0, [ev(1, "a"), ev(1, "b")], NOW)) == 2
+
+
+def _batch(first_id, content=b"c", ttl=10.0):
+    from fit_broker.units import pack_contents
+
+    return ("p", first_id, NOW, ttl, 0, pack_contents([content]), b"")
+
+
+def test_matching_voter_needs_f_plus_one_digests_and_a_full_copy():
+    """Digests alone never deliver; a full copy whose digest f+1 replicas vouch for does."""
+    from fit_broker.units import batch_digest, digest_form
+    from fit_broker.voters import MatchingCopiesVoter
+
+    voter = MatchingCopiesVoter(faults=1, replicas=4)
+    full = _batch(1)
+    light = digest_form(full, batch_digest(full))
+    assert voter.offer(2, [light], NOW) == []
+    assert voter.offer(3, [light], NOW) == []
+    assert voter.pending == 1
+    assert voter.offer(0, [full], NOW) == [full]
+    assert voter.offer(1, [full], NOW) == []
+    assert voter.counters["duplicate"] == 1 and voter.pending == 0
+
+
+def test_matching_voter_refuses_a_lone_full_copy_and_mismatching_digests():
+    """One full copy with digests of something else is not delivered; the liar is counted once decided."""
+    from fit_broker.units import batch_digest, digest_form
+    from fit_broker.voters import MatchingCopiesVoter
+
+    voter = MatchingCopiesVoter(faults=1, replicas=4)
+    true, forged = _batch(1), _batch(1, b"forged")
+    assert voter.offer(0, [forged], NOW) == []
+    assert voter.offer(2, [digest_form(true, batch_digest(true))], NOW) == []
+    assert voter.offer(1, [true], NOW) == [true]
+    assert voter.counters["mismatch:replica-0"] == 1
+
+
+def test_matching_voter_expires_pending_and_late_full_copies():
+    """Pending batches expire with a count; a full copy that expired while waiting is not delivered."""
+    from fit_broker.units import batch_digest, digest_form
+    from fit_broker.voters import MatchingCopiesVoter
+
+    voter = MatchingCopiesVoter(faults=1, replicas=4)
+    full = _batch(1, ttl=1.0)
+    assert voter.offer(0, [full], NOW) == []
+    assert voter.offer(2, [digest_form(full, batch_digest(full))], NOW + 5) == []
+    assert voter.counters["expired"] == 1
+    voter.offer(3, [_batch(50, ttl=1.0)], NOW)
+    voter.expire(NOW + 2)
+    assert voter.pending == 0

@@ -5,7 +5,7 @@ A channel: one row of the control table and the state it carries at a replica.
 from fit_broker.broker.queue import OutputQueue
 from fit_broker.dedup import RecentIds
 from fit_broker.errors import Status
-from fit_broker.units import payload_count
+from fit_broker.units import batch_digest, digest_form, full_copy_senders, payload_count
 
 
 class Refused(Exception):
@@ -30,8 +30,17 @@ class Channel:
     @ivar counters: reason -> count, for everything accepted or refused here.
     """
 
-    def __init__(self, spec, scheme, ordering, keys=None, max_clock_skew=300.0, dedup_window=65_536):
+    def __init__(
+        self, spec, scheme, ordering, keys=None, max_clock_skew=300.0, dedup_window=65_536,
+        light_copies=None,
+    ):
+        """
+        @param light_copies: C{(replica index, replicas, full copies)} when
+            this replica sends full copies of only some batches and digests
+            of the others (BFT), or C{None} to send every batch in full.
+        """
         self.spec = spec
+        self.light_copies = light_copies
         self.tag = spec.tag
         self.scheme = scheme
         self.ordering = ordering
@@ -133,7 +142,7 @@ class Channel:
                 expired += count
             else:
                 recent.add(key, urgency)
-                fresh.append((count, batch))
+                fresh.append((count, self._outgoing(batch)))
         if duplicates:
             self.count("duplicate", duplicates)
         if expired:
@@ -144,6 +153,19 @@ class Channel:
             self.append(entries)
             appended.extend(entries)
         return appended
+
+    def _outgoing(self, batch):
+        """
+        Return what subscribers get from this replica for C{batch}: the batch,
+        or its digest form when other replicas are designated to send it.
+        """
+        if self.light_copies is None:
+            return batch
+        index, replicas, copies = self.light_copies
+        start = full_copy_senders(batch[0], batch[1], replicas, copies)
+        if (index - start) % replicas < copies:
+            return batch
+        return digest_form(batch, batch_digest(batch))
 
     def append(self, entries):
         """

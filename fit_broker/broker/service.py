@@ -19,9 +19,12 @@ class BrokerService:
         to its queues, so that a transport can push to streaming subscribers.
     """
 
-    def __init__(self, config, schemes, keys=None):
+    def __init__(self, config, schemes, keys=None, replica_index=None):
         """
         @param schemes: a callable from scheme name to scheme.
+        @param replica_index: this replica's index; with it, BFT channels send
+            full copies of the batches this replica is designated for and
+            digests of the others (see L{fit_broker.units.full_copy_senders}).
         """
         self.config = config
         self.channels = {
@@ -31,11 +34,23 @@ class BrokerService:
                 ORDERINGS[spec.qos.ordering](),
                 keys,
                 config.max_clock_skew,
+                light_copies=self._light_copies(spec, replica_index),
             )
             for tag, spec in config.channels.items()
         }
         self.on_ready = lambda tag: None
         self.counters = {"requests": 0}
+
+    def _light_copies(self, spec, replica_index):
+        """
+        With f+1 full copies, at least one comes from a correct replica, and
+        the f+1 matching digests that a BFT voter needs come from the rest.
+        """
+        replicas = len(self.config.replicas)
+        copies = self.config.faults + 1
+        if replica_index is None or spec.qop != "bft" or copies >= replicas:
+            return None
+        return (replica_index, replicas, copies)
 
     def _count(self, reason):
         self.counters[reason] = self.counters.get(reason, 0) + 1

@@ -11,7 +11,7 @@ from fit_broker.components import VOTERS
 from fit_broker.errors import FitBrokerError, RequestFailed
 from fit_broker.units import PAYLOAD, Request, batch_events, payload_count
 
-DEFAULT_CREDIT = 2000
+DEFAULT_CREDIT = 4000
 VOTER_EXPIRY_INTERVAL = 1.0
 
 
@@ -114,7 +114,8 @@ class Subscriber:
             options.update(stream=True, credit=self.credit)
         request = Request(self.proxy.next_seq(), units.SUBSCRIBE, tag, options=options)
         quorum = self.config.acks_needed(spec.tag)
-        return self.proxy.invoke(request, quorum, retry=False)
+        # kept for replicas not connected yet, so that the quorum can still form
+        return self.proxy.invoke(request, quorum)
 
     def unsubscribe(self, tag):
         self._streams.pop(tag, None)
@@ -176,7 +177,7 @@ class Subscriber:
         self.log.failure("the application failed on events of {tag}", failure, tag=tag)
 
     def _grant(self, stream, force=False):
-        threshold = 1 if force else self.credit // 4
+        threshold = 1 if force else self.credit // 2
         for index, owed in stream.owed.items():
             if owed >= threshold:
                 stream.owed[index] = 0

@@ -37,7 +37,7 @@ class Replica:
         self.keys = keys
         self.identify = identify
         self.max_frame = DEFAULT_MAX_FRAME
-        self.broker = BrokerService(config, schemes, keys)
+        self.broker = BrokerService(config, schemes, keys, replica_index=index)
         self.broker.on_ready = self._ready
         self.streams = {}
         self.counters = {}
