@@ -1,0 +1,319 @@
+"""
+A FIT Broker cluster (or a null relay standing in for it) on 127.0.0.1.
+
+The benchmark writes its own cluster file per point, starts one process per
+replica and stops each by its process id, so it needs nothing from the test
+suite and leaves nothing running.  L{MODES} is the one place that says what
+channel configuration each benchmark mode means.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import attrs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PUBLISHER = "probe"
+SUBSCRIBER = "console"
+
+
+@attrs.frozen
+class Mode:
+    """
+    How a benchmark mode configures every channel.
+
+    @ivar ordering: the QoS class's C{ordering} (none, channel, global).
+    """
+
+    qop: str
+    scheme: str
+    ordering: str = "none"
+
+    @property
+    def needs_keys(self):
+        return self.scheme != "si"
+
+
+MODES = {
+    "cft": Mode(qop="cft", scheme="si"),
+    "bft-ha": Mode(qop="bft", scheme="ha"),
+    "bft-pks": Mode(qop="bft", scheme="pks"),
+    "bft-pke": Mode(qop="bft", scheme="pke"),
+    "bft-ordered": Mode(qop="bft", scheme="ha", ordering="channel"),
+}
+
+
+def channel_tags(count):
+    return [f"ch{i}" for i in range(count)]
+
+
+def free_ports(count):
+    sockets = []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def wait_for_port(port, timeout, process=None):
+    """
+    Wait until something accepts on 127.0.0.1:C{port}.
+
+    @raise RuntimeError: on timeout, or when C{process} exits first.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process {process.pid} exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def child_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def stop_processes(processes, timeout=10.0):
+    """
+    Stop each C{Popen} by its pid: SIGCONT (in case it was paused), SIGTERM,
+    then SIGKILL for any still running after C{timeout}.
+    """
+    for process in processes:
+        if process.poll() is None:
+            try:
+                process.send_signal(signal.SIGCONT)
+                process.terminate()
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        try:
+            process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def resident_kib(pid):
+    """
+    Return C{(VmRSS, VmHWM)} of process C{pid} in KiB, from /proc.
+    """
+    values = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0])
+    return values.get("VmRSS"), values.get("VmHWM")
+
+
+def cluster_toml(ports, tags, mode, faults=1, capacity=None, ttl=None, keys_dir=None):
+    """
+    Return the text of a cluster file: one replica per port, clients
+    C{probe} (publishes) and C{console} (subscribes), every channel in
+    C{tags} configured as C{mode} says.
+
+    @param capacity: queue capacity per subscriber; C{None} keeps the
+        broker's default, as the memory benchmark wants.
+    """
+    lines = ["[cluster]", 'name = "bench"', f"faults = {faults}", f'default_client = "{PUBLISHER}"']
+    if keys_dir:
+        lines.append(f'keys_dir = "{keys_dir}"')
+    lines.append("")
+    for port in ports:
+        lines += [
+            "[[replicas]]",
+            f'listen = "tcp:{port}:interface=127.0.0.1"',
+            f'connect = "tcp:127.0.0.1:{port}"',
+            "",
+        ]
+    lines += [f"[clients.{PUBLISHER}]", f"[clients.{SUBSCRIBER}]", "", "[classes.bench]"]
+    lines.append(f'ordering = "{mode.ordering}"')
+    if capacity is not None:
+        lines.append(f"capacity = {capacity}")
+    if ttl is not None:
+        lines.append(f"ttl = {ttl}")
+    lines.append("")
+    for tag in tags:
+        lines += [
+            "[[channels]]",
+            f'tag = "{tag}"',
+            'class = "bench"',
+            f'qop = "{mode.qop}"',
+            f'scheme = "{mode.scheme}"',
+            f'publishers = ["{PUBLISHER}"]',
+            f'subscribers = ["{SUBSCRIBER}"]',
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def prepare_cluster(folder, mode_name, channels, replicas=4, faults=1, capacity=None, ttl=None):
+    """
+    Write the cluster file (and key material, for schemes that need it)
+    into C{folder} and check that FIT Broker accepts it.
+
+    @return: C{(path, ports)}.
+    @raise Unavailable: when this checkout cannot run C{mode_name} yet.
+    """
+    if mode_name not in MODES:
+        raise Unavailable(f"no mode {mode_name!r}; known: {', '.join(MODES)}")
+    mode = MODES[mode_name]
+    os.makedirs(folder, exist_ok=True)
+    tags = channel_tags(channels)
+    ports = free_ports(replicas)
+    keys_dir = None
+    if mode.needs_keys:
+        keys_dir = "keys"
+        try:
+            from fit_broker.pki import write_cluster_material
+
+            material = os.path.join(folder, keys_dir)
+            shutil.rmtree(material, ignore_errors=True)
+            write_cluster_material(
+                material,
+                "bench",
+                replicas,
+                [PUBLISHER, SUBSCRIBER],
+                {tag: [PUBLISHER, SUBSCRIBER] for tag in tags},
+            )
+        except Exception as e:
+            raise Unavailable(f"cannot make key material: {type(e).__name__}: {e}") from None
+    path = os.path.join(folder, "cluster.toml")
+    with open(path, "w") as f:
+        f.write(cluster_toml(ports, tags, mode, faults, capacity, ttl, keys_dir))
+    check_config(path)
+    return path, ports
+
+
+def check_config(path):
+    """
+    Load C{path} the way a replica would, turning any refusal into L{Unavailable}.
+    """
+    from fit_broker.config import load_config
+    from fit_broker.errors import FitBrokerError
+    from fit_broker.schemes.registry import scheme_lookup
+
+    try:
+        scheme_lookup(load_config(path))
+    except FitBrokerError as e:
+        raise Unavailable(str(e).replace(path + ": ", "")) from None
+
+
+class Unavailable(Exception):
+    """
+    A mode or peer this machine or checkout cannot run; the text says why.
+    """
+
+
+def git_commit():
+    """
+    The checkout's short commit, marked when tracked files have changed since.
+    """
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        return commit + ("+uncommitted" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def twistd():
+    found = shutil.which("twistd", path=os.path.dirname(sys.executable))
+    return [found] if found else [sys.executable, "-m", "twisted"]
+
+
+class Cluster:
+    """
+    One process per replica of a cluster file: real replicas, or null relays.
+    """
+
+    def __init__(self, folder, config_path, ports, relay=False, profile=None):
+        """
+        @param profile: a file to write replica 0's cProfile statistics to.
+        """
+        self.folder = folder
+        self.config_path = config_path
+        self.ports = ports
+        self.relay = relay
+        self.profile = profile
+        self.processes = []
+
+    def command(self, index):
+        profiled = self.profile is not None and index == 0
+        if self.relay:
+            python = [sys.executable]
+            if profiled:
+                python += ["-m", "cProfile", "-o", self.profile]
+            return python + [
+                "-m", "benchmarks.relay", "--config", self.config_path, "--replica-id", str(index),
+            ]
+        options = ["--profile", self.profile, "--profiler", "cprofile", "--savestats"] if profiled else []
+        return twistd() + options + [
+            "-n", "fitbroker", "--config", self.config_path, "--replica-id", str(index),
+        ]
+
+    def start(self, timeout=30):
+        for index in range(len(self.ports)):
+            with open(os.path.join(self.folder, f"replica-{index}.log"), "ab") as out:
+                self.processes.append(
+                    subprocess.Popen(
+                        self.command(index),
+                        cwd=self.folder,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        env=child_env(),
+                    )
+                )
+        try:
+            for port, process in zip(self.ports, self.processes):
+                wait_for_port(port, timeout, process)
+        except RuntimeError as e:
+            self.stop()
+            raise RuntimeError(f"{e}; {self.log_tail()}") from None
+
+    def alive(self):
+        return [p.poll() is None for p in self.processes]
+
+    def log_tail(self, lines=3):
+        tails = []
+        for index in range(len(self.ports)):
+            try:
+                with open(os.path.join(self.folder, f"replica-{index}.log"), "rb") as f:
+                    text = f.read().decode("utf-8", "replace").strip().splitlines()
+            except OSError:
+                continue
+            if text:
+                tails.append(f"replica {index}: " + " | ".join(text[-lines:]))
+        return "; ".join(tails)
+
+    def resident(self):
+        """
+        Return C{[(VmRSS, VmHWM)]} in KiB per replica process.
+        """
+        return [resident_kib(p.pid) for p in self.processes]
+
+    def stop(self):
+        stop_processes(self.processes)
+        self.processes = []

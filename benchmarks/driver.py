@@ -1,0 +1,258 @@
+"""
+FIT Broker client processes for the throughput benchmark.
+
+    python -m benchmarks.driver publish --config F --channels ch0,ch1 --seconds 10
+    python -m benchmarks.driver subscribe --config F --channels ch0,ch1 --ledger L
+
+Unlike L{benchmarks.loadgen}, the publisher runs for a duration rather than a
+number of events, and both sides keep their ids as ranges (see
+L{benchmarks.ledger}) so the harness can count what was lost.  The same
+processes drive the null relay, which speaks the same protocol.
+
+The subscriber says C{ready} on stderr once subscribed and stops once it
+has delivered as many events as the number the harness writes to its stdin
+(the publisher's acknowledged count), or once nothing arrived for --idle
+seconds after that number came.  Each prints one JSON line on stdout.
+"""
+
+import argparse
+import sys
+import time
+
+from benchmarks.cluster import PUBLISHER, SUBSCRIBER
+from benchmarks.ledger import Delivered, Expectation, Ranges, emit, payload_filler, say_ready, write_ledger
+
+
+def _load_keys(config, client):
+    """
+    Return the client's key ring when the cluster file names key material.
+    """
+    if not config.keys_dir:
+        return None
+    from fit_broker import keys
+
+    return keys.load_keyring(keys.resolve_party_directory(config.keys_dir, client), client)
+
+
+async def publish(reactor, args, session):
+    """
+    Publish batches round-robin over the channels for --seconds (or until
+    --events were sent), keeping --window calls outstanding, then wait for
+    every acknowledgement.
+    """
+    from twisted.internet.defer import Deferred
+
+    publisher = session.publisher
+    tags = args.channels.split(",")
+    content = payload_filler(args.size)
+    batch = args.batch
+    ledgers = {tag: Ranges() for tag in tags}
+    state = {"acked": 0, "failed": 0, "outstanding": 0, "sent": 0, "error": None, "last": None}
+    wake = [None]
+
+    def settled():
+        state["outstanding"] -= 1
+        if wake[0] is not None:
+            waiter, wake[0] = wake[0], None
+            waiter.callback(None)
+
+    def acked(ids, tag):
+        state["acked"] += len(ids)
+        state["last"] = time.monotonic()
+        ledgers[tag].add_run(ids[0], ids[-1])
+        settled()
+
+    def failed(failure, count):
+        state["failed"] += count
+        state["error"] = state["error"] or f"{failure.type.__name__}: {failure.getErrorMessage()}"
+        settled()
+
+    started = time.monotonic()
+    deadline = started + args.seconds
+    turn = 0
+    while state["error"] is None:
+        now = time.monotonic()
+        if now >= deadline or (args.events and state["sent"] >= args.events):
+            break
+        if state["outstanding"] >= args.window:
+            wake[0] = Deferred()
+            await wake[0]
+            continue
+        if args.rate:
+            ahead = state["sent"] / args.rate - (now - started)
+            if ahead > 0.001:
+                pause = Deferred()
+                reactor.callLater(ahead, pause.callback, None)
+                await pause
+        tag = tags[turn % len(tags)]
+        turn += 1
+        state["sent"] += batch
+        state["outstanding"] += 1
+        d = publisher.publish_many(tag, [content] * batch)
+        d.addCallbacks(acked, failed, callbackArgs=(tag,), errbackArgs=(batch,))
+        if turn % 8 == 0:
+            # Let replies in: publish_many only queues while the reactor is ours.
+            pause = Deferred()
+            reactor.callLater(0, pause.callback, None)
+            await pause
+    while state["outstanding"]:
+        wake[0] = Deferred()
+        await wake[0]
+    elapsed = (state["last"] or time.monotonic()) - started
+    if args.ledger:
+        write_ledger(args.ledger, {tag: r.normalised() for tag, r in ledgers.items()})
+    summary = {
+        "role": "publisher",
+        "sent": state["sent"],
+        "acked": state["acked"],
+        "failed": state["failed"],
+        "seconds": round(elapsed, 3),
+        "published_per_s": round(state["acked"] / elapsed, 1) if elapsed > 0 else None,
+    }
+    if state["error"]:
+        summary["error"] = state["error"]
+    return summary
+
+
+async def subscribe(reactor, args, session):
+    """
+    Stream every channel, record ids and latencies, stop as the harness says.
+    """
+    from twisted.internet.defer import Deferred
+
+    tags = args.channels.split(",")
+    record = Delivered()
+    done = Deferred()
+    expectation = Expectation()
+
+    def on_events(tag):
+        ids = record.channel(tag)
+        latencies = record.latencies
+
+        def take(events):
+            record.arrived(len(events))
+            wall = time.time()
+            ids.extend([e.event_id for e in events])
+            latencies.extend([wall - e.timestamp for e in events])
+
+        return take
+
+    for tag in tags:
+        await session.subscriber.subscribe(tag, on_events(tag))
+    say_ready()
+
+    quiet_since = [time.monotonic()]
+
+    def check():
+        if done.called:
+            return
+        expected = expectation.value
+        now = time.monotonic()
+        if record.last is not None and record.last > quiet_since[0]:
+            quiet_since[0] = record.last
+        if expected is not None:
+            if record.count >= expected or now - quiet_since[0] > args.idle:
+                done.callback(None)
+                return
+        elif now - quiet_since[0] > args.max_wait:
+            done.callback(None)
+            return
+        reactor.callLater(0.1, check)
+
+    reactor.callLater(0.1, check)
+    await done
+    summary = record.summary(args.ledger)
+    summary["voter"] = {
+        key: sum(v.counters.get(key, 0) for v in session.subscriber.voters.values())
+        for key in ("delivered", "duplicate", "stale", "expired")
+    }
+    return summary
+
+
+async def fill(reactor, args, session):
+    """
+    Subscribe without streaming, so that the replicas' queues only fill.
+    """
+    for tag in args.channels.split(","):
+        await session.subscriber.subscribe(tag)
+    return {"role": "fill", "subscribed": len(args.channels.split(","))}
+
+
+async def status(reactor, args, session):
+    """
+    Return every replica's counters (the C{status} request).
+    """
+    from fit_broker import units
+    from fit_broker.units import Request
+
+    proxy = session.proxy
+    replies = {}
+    await proxy.wait_for_links(len(proxy.config.replicas), 10)
+    request = Request(proxy.next_seq(), units.STATUS)
+    await proxy.invoke(
+        request,
+        len(proxy.config.replicas),
+        retry=False,
+        observe=lambda index, reply: replies.__setitem__(str(index), reply.info),
+    )
+    return {"role": "status", "replicas": replies}
+
+
+ROLES = {"publish": publish, "subscribe": subscribe, "fill": fill, "status": status}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.driver")
+    parser.add_argument("role", choices=sorted(ROLES))
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--as", dest="client")
+    parser.add_argument("--channels", default="")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--events", type=int, default=0, help="stop after this many events (0: by time)")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--rate", type=float, default=0.0, help="events/s in all, 0 = as fast as acknowledged")
+    parser.add_argument("--batch", type=int, default=100, help="events per publish_many call")
+    parser.add_argument("--window", type=int, default=64, help="publish_many calls outstanding")
+    parser.add_argument("--credit", type=int, default=2000)
+    parser.add_argument("--idle", type=float, default=3.0)
+    parser.add_argument("--max-wait", type=float, default=600.0)
+    parser.add_argument("--ledger")
+    args = parser.parse_args(argv)
+    if args.client is None:
+        args.client = SUBSCRIBER if args.role in ("subscribe", "fill") else PUBLISHER
+
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+
+    from fit_broker.client.session import open_session
+    from fit_broker.config import load_config
+
+    result = {}
+
+    async def run():
+        session = None
+        try:
+            config = load_config(args.config)
+            options = {"timeout": 30.0}
+            if args.role == "subscribe":
+                options["credit"] = args.credit
+            session = open_session(
+                config, args.client, reactor, keys=_load_keys(config, args.client), **options
+            )
+            await session.proxy.wait_for_links(len(config.replicas), 30)
+            result.update(await ROLES[args.role](reactor, args, session))
+        except Exception as e:
+            result["error"] = f"{type(e).__name__}: {e}"
+        finally:
+            if session is not None:
+                session.stop()
+            reactor.callLater(0, reactor.stop)
+
+    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(run()))
+    reactor.run()
+    emit(result)
+    return 1 if "error" in result else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

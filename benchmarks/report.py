@@ -1,0 +1,201 @@
+"""
+The benchmark's outputs: results.csv, results.md, throughput.png, and
+results.json (rows and run context) from which the others can be redrawn:
+
+    python -m benchmarks.report benchmarks/results
+"""
+
+import csv
+import json
+import os
+import sys
+
+COLUMNS = (
+    "system", "mode", "channels", "published_per_s", "delivered_per_s", "lost", "p50_ms", "p99_ms",
+)
+# The reason a row has no figures (unavailable, failed) goes after the
+# columns every reader relies on.
+CSV_COLUMNS = COLUMNS + ("note",)
+
+CEILING = ("null-relay", "relay")
+COLOURS = {
+    "null-relay": "black",
+    "fitbroker": "tab:blue",
+    "mosquitto": "tab:orange",
+    "nats": "tab:green",
+    "redis": "tab:red",
+}
+# FIT Broker's modes are the subject: each its own colour.
+MODE_COLOURS = {
+    "cft": "tab:blue",
+    "bft-ha": "tab:purple",
+    "bft-pks": "tab:cyan",
+    "bft-pke": "tab:brown",
+    "bft-ordered": "tab:pink",
+}
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: ("" if row.get(key) is None else row[key]) for key in CSV_COLUMNS})
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _number(value):
+    if value in (None, ""):
+        return None
+    return float(value)
+
+
+def ceiling_by_channels(rows):
+    return {
+        int(row["channels"]): _number(row["delivered_per_s"])
+        for row in rows
+        if (row["system"], row["mode"]) == CEILING and _number(row["delivered_per_s"])
+    }
+
+
+def _fmt(value, digits=0):
+    value = _number(value)
+    if value is None:
+        return "-"
+    if digits == 0:
+        return f"{value:,.0f}"
+    return f"{value:,.{digits}f}"
+
+
+def write_markdown(path, rows, context):
+    """
+    A table of every measured point, each with its delivered rate as a share
+    of the null relay's at the same channel count, and a list of what could
+    not be measured and why.
+    """
+    ceiling = ceiling_by_channels(rows)
+    lines = [
+        "# Throughput against channels",
+        "",
+        f"`{context['command']}`",
+        "",
+        f"{context['cores']} cores, commit {context['commit']}, {context['when']}; "
+        f"{context['replicas']} replicas (f={context['faults']}), {context['event_size']}-byte events, "
+        f"{context['seconds']} s per point, {context['publishers']} publisher and "
+        f"{context['subscribers']} subscriber process per point.",
+        "",
+        "| system | mode | channels | published/s | delivered/s | lost | p50 ms | p99 ms | share of null relay | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    unavailable = {}
+    for row in rows:
+        note = row.get("note") or ""
+        if note.startswith("unavailable") and _number(row.get("delivered_per_s")) is None:
+            unavailable.setdefault((row["system"], row["mode"]), note)
+            continue
+        delivered = _number(row["delivered_per_s"])
+        top = ceiling.get(int(row["channels"]))
+        share = f"{100 * delivered / top:.0f}%" if delivered and top else "-"
+        lines.append(
+            f"| {row['system']} | {row['mode']} | {row['channels']} | "
+            f"{_fmt(row['published_per_s'])} | {_fmt(row['delivered_per_s'])} | "
+            f"{_fmt(row['lost'])} | {_fmt(row['p50_ms'], 1)} | {_fmt(row['p99_ms'], 1)} | "
+            f"{share} | {note} |"
+        )
+    if unavailable:
+        lines += ["", "Not measured:", ""]
+        for (system, mode), note in unavailable.items():
+            lines.append(f"- {system} {mode}: {note}")
+    lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def plot(path, rows, context):
+    """
+    Events/s against channels, publisher side and subscriber side, one line
+    per system and mode, in the manner of the paper's Figure 3.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install '.[bench]')"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    series = {}
+    for row in rows:
+        if _number(row.get("delivered_per_s")) is None and _number(row.get("published_per_s")) is None:
+            continue
+        series.setdefault((row["system"], row["mode"]), []).append(row)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
+    markers = "osD^v<>ph*"
+    for number, ((system, mode), points) in enumerate(series.items()):
+        points.sort(key=lambda r: int(r["channels"]))
+        x = [int(r["channels"]) for r in points]
+        style = {
+            "marker": markers[number % len(markers)],
+            "label": f"{system} {mode}",
+            "color": MODE_COLOURS.get(mode, "tab:olive")
+            if system == "fitbroker"
+            else COLOURS.get(system, "grey"),
+        }
+        if (system, mode) == CEILING:
+            style.update(linestyle="--")
+        elif system == "fitbroker":
+            style.update(linewidth=2.5)
+        else:
+            style.update(linewidth=1.2, linestyle="-." if mode.endswith("-batch") else ":")
+        for axis, key in zip(axes, ("published_per_s", "delivered_per_s")):
+            y = [_number(r[key]) for r in points]
+            axis.plot(x, [v if v is not None else float("nan") for v in y], **style)
+    thousands = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:,.0f}k")
+    for axis, title in zip(axes, ("publisher", "subscriber")):
+        axis.set_title(f"{title} events/s")
+        axis.set_xlabel("channels")
+        axis.grid(True, alpha=0.3)
+        axis.set_ylim(bottom=0)
+        axis.yaxis.set_major_formatter(thousands)
+    axes[0].set_ylabel("events/s")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.text(
+        0.5, 0.01,
+        f"{context['cores']} cores, commit {context['commit']}; {context['replicas']} replicas "
+        f"(f={context['faults']}), {context['event_size']}-byte events, {context['seconds']} s per point, "
+        "loopback",
+        ha="center", fontsize=9,
+    )
+    fig.tight_layout(rect=(0, 0.04, 0.83, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def write_all(folder, rows, context, with_plot=True):
+    os.makedirs(folder, exist_ok=True)
+    write_csv(os.path.join(folder, "results.csv"), rows)
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump({"context": context, "rows": rows}, f, indent=1)
+    write_markdown(os.path.join(folder, "results.md"), rows, context)
+    if with_plot:
+        problem = plot(os.path.join(folder, "throughput.png"), rows, context)
+        if problem:
+            print(problem, file=sys.stderr)
+
+
+def main(argv=None):
+    folder = (argv if argv is not None else sys.argv[1:] or [os.path.join("benchmarks", "results")])[0]
+    with open(os.path.join(folder, "results.json")) as f:
+        saved = json.load(f)
+    write_all(folder, saved["rows"], saved["context"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
