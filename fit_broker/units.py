@@ -135,6 +135,14 @@ class Batch:
         )
 
 
+def credit_cost(batch):
+    """
+    Return the flow-control credits a pushed batch uses: its events, or 1
+    for a digest copy.  Replicas and subscribers must count alike.
+    """
+    return payload_count(batch[5]) or 1
+
+
 def batch_digest(batch):
     """
     Return the SHA-256 digest that stands for a whole wire batch in votes.

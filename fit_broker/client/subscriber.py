@@ -9,7 +9,7 @@ from twisted.logger import Logger
 from fit_broker import units
 from fit_broker.components import VOTERS
 from fit_broker.errors import FitBrokerError, RequestFailed
-from fit_broker.units import PAYLOAD, Request, batch_events, payload_count
+from fit_broker.units import Request, batch_events, credit_cost
 
 DEFAULT_CREDIT = 4000
 VOTER_EXPIRY_INTERVAL = 1.0
@@ -141,9 +141,7 @@ class Subscriber:
             self.proxy.count("delivery-without-stream")
             return
         decided = self.voter(stream.tag).offer(index, delivery.batches, self.clock.seconds())
-        stream.owed[index] = stream.owed.get(index, 0) + sum(
-            payload_count(batch[PAYLOAD]) for batch in delivery.batches
-        )
+        stream.owed[index] = stream.owed.get(index, 0) + sum(map(credit_cost, delivery.batches))
         if stream.busy:
             stream.backlog.extend(decided)
             return

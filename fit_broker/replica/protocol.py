@@ -9,7 +9,7 @@ from zope.interface import implementer
 
 from fit_broker import units
 from fit_broker.errors import ProtocolError, Status
-from fit_broker.units import Reply, Request, payload_count
+from fit_broker.units import Reply, Request, credit_cost
 from fit_broker.wire.codec import decode, encode_delivery, encode_reply
 from fit_broker.wire.framing import FrameDecoder
 
@@ -39,6 +39,7 @@ class ReplicaProtocol(Protocol):
         self._paused = False
         self._closed = False
         self._refused = False
+        self._ready = set()
 
     def connectionMade(self):
         self.transport.registerProducer(self, True)
@@ -81,7 +82,7 @@ class ReplicaProtocol(Protocol):
         if method == units.CREDIT:
             if request.count > 0 and request.channel in self.credits:
                 self.credits[request.channel] += request.count
-                self.schedule_flush()
+                self.schedule_flush(request.channel)
             return
         reply = self.replica.handle(self.client, request)
         if request.seq:
@@ -94,7 +95,7 @@ class ReplicaProtocol(Protocol):
                 credit = 0
             self.credits[request.channel] = credit
             self.replica.add_stream(request.channel, self)
-            self.schedule_flush()
+            self.schedule_flush(request.channel)
         elif method == units.UNSUBSCRIBE:
             self.credits.pop(request.channel, None)
             self.replica.remove_stream(request.channel, self)
@@ -114,7 +115,13 @@ class ReplicaProtocol(Protocol):
             encode_reply(Reply(request.seq, Status.OK, info=self.replica.describe()))
         )
 
-    def schedule_flush(self):
+    def schedule_flush(self, tag):
+        """
+        Note that channel C{tag} may have events to push, and push in the
+        next reactor turn, so that one turn's publishes leave together and
+        only channels with news are looked at.
+        """
+        self._ready.add(tag)
         if self._flush_call is None and not self._paused and not self._closed:
             self._flush_call = self.replica.clock.callLater(0, self._flush)
 
@@ -123,28 +130,32 @@ class ReplicaProtocol(Protocol):
         if self._paused or self._closed:
             return
         replica = self.replica
+        broker = replica.broker
         now = replica.clock.seconds()
-        more = False
-        for tag, credit in self.credits.items():
+        ready, self._ready = self._ready, set()
+        credits = self.credits
+        for tag in ready:
+            credit = credits.get(tag, 0)
             if credit <= 0:
                 continue
-            batches = replica.broker.take(tag, self.client, min(credit, DELIVERY_EVENTS), now)
+            batches = broker.take(tag, self.client, min(credit, DELIVERY_EVENTS), now)
             if not batches:
                 continue
             self.transport.write(encode_delivery(tag, batches))
-            credit -= sum(payload_count(batch[5]) for batch in batches)
-            self.credits[tag] = credit
-            if credit > 0 and replica.broker.waiting(tag, self.client):
-                more = True
-        if more:
-            self.schedule_flush()
+            credit -= sum(map(credit_cost, batches))
+            credits[tag] = credit
+            if credit > 0 and broker.waiting(tag, self.client):
+                self._ready.add(tag)
+        if self._ready:
+            self._flush_call = replica.clock.callLater(0, self._flush)
 
     def pauseProducing(self):
         self._paused = True
 
     def resumeProducing(self):
         self._paused = False
-        self.schedule_flush()
+        for tag in self.credits:
+            self.schedule_flush(tag)
 
     def stopProducing(self):
         self._closed = True

@@ -106,7 +106,7 @@ class Replica:
 
     def _ready(self, tag):
         for protocol in self.streams.get(tag, ()):
-            protocol.schedule_flush()
+            protocol.schedule_flush(tag)
 
     def expire(self):
         self.broker.expire(self.clock.seconds())
