@@ -129,16 +129,18 @@ async def subscribe(reactor, args, session):
         ids = record.channel(tag)
         latencies = record.latencies
 
-        def take(events):
-            record.arrived(len(events))
+        def take(batches):
             wall = time.time()
-            ids.extend([e.event_id for e in events])
-            latencies.extend([wall - e.timestamp for e in events])
+            for batch in batches:
+                count = len(batch.contents)
+                record.arrived(count)
+                ids.extend(range(batch.first_id, batch.first_id + count))
+                latencies.extend([wall - batch.timestamp] * count)
 
         return take
 
     for tag in tags:
-        await session.subscriber.subscribe(tag, on_events(tag))
+        await session.subscriber.subscribe(tag, on_events(tag), batches=True)
     say_ready()
 
     quiet_since = [time.monotonic()]

@@ -25,6 +25,9 @@ def pack_contents(contents):
     return _pack_contents(contents)
 
 
+_ONLY_BYTES = frozenset({bytes})
+
+
 def unpack_contents(payload):
     """
     Decode a batch payload into its list of contents.
@@ -35,7 +38,7 @@ def unpack_contents(payload):
         contents = msgpack.unpackb(payload, raw=False, use_list=True)
     except Exception as e:
         raise ValueError(f"undecodable payload: {type(e).__name__}") from None
-    if type(contents) is not list or not all(type(c) is bytes for c in contents):
+    if type(contents) is not list or not set(map(type, contents)) <= _ONLY_BYTES:
         raise ValueError("payload must be an array of byte strings")
     return contents
 
@@ -168,16 +171,28 @@ def full_copy_senders(publisher, first_id, replicas, copies):
     return crc32(first_id.to_bytes(8, "big", signed=True), crc32(publisher.encode())) % replicas
 
 
-def batch_events(batch, contents):
+@attrs.frozen
+class DeliveredBatch:
     """
-    Return the L{Event}s of wire batch C{batch} whose decoded contents are
-    C{contents}.
+    A decided batch, opened: what a subscriber that asked for batches gets.
+
+    Consumers that ingest at high rates take these and skip building one
+    L{Event} per event; event C{i} has id C{first_id + i} and content
+    C{contents[i]}.
     """
-    publisher, first_id, timestamp, ttl, urgency = batch[:5]
-    return [
-        Event(publisher, first_id + i, timestamp, ttl, urgency, content)
-        for i, content in enumerate(contents)
-    ]
+
+    publisher: str
+    first_id: int
+    timestamp: float
+    ttl: float
+    urgency: int
+    contents: list
+
+    def events(self):
+        return [
+            Event(self.publisher, self.first_id + i, self.timestamp, self.ttl, self.urgency, c)
+            for i, c in enumerate(self.contents)
+        ]
 
 
 @attrs.frozen

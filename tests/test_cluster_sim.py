@@ -246,3 +246,17 @@ def test_unknown_client_refused_at_hello():
     waiting.addErrback(lambda f: None)
     assert "refused: replica 0: unknown client 'mallory'" in str(failure.value)
     assert net.replicas[0].counters["refused-hello"] >= 1
+
+
+def test_batch_subscribers_get_contents_with_ids():
+    """A subscriber asking for batches gets each batch once, its contents in order and its first event id."""
+    net = SimNet(cluster_config())
+    pub, sub = net.client("probe"), net.client("console")
+    got = []
+    sub.subscriber.subscribe("events", got.extend, batches=True)
+    net.run()
+    ids = published(net, pub, "events", 250).result
+    assert [len(b.contents) for b in got] == [100, 100, 50]
+    assert [b.first_id for b in got] == [ids[0], ids[100], ids[200]]
+    assert [e.event_id for b in got for e in b.events()] == ids
+    assert got[0].contents[0] == b"e0"

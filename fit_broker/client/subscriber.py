@@ -9,18 +9,19 @@ from twisted.logger import Logger
 from fit_broker import units
 from fit_broker.components import VOTERS
 from fit_broker.errors import FitBrokerError, RequestFailed
-from fit_broker.units import Request, batch_events, credit_cost
+from fit_broker.units import DeliveredBatch, Request, credit_cost
 
 DEFAULT_CREDIT = 4000
 VOTER_EXPIRY_INTERVAL = 1.0
 
 
 class _Stream:
-    __slots__ = ("tag", "callback", "owed", "busy", "backlog")
+    __slots__ = ("tag", "callback", "owed", "busy", "backlog", "batches")
 
-    def __init__(self, tag, callback):
+    def __init__(self, tag, callback, batches):
         self.tag = tag
         self.callback = callback
+        self.batches = batches
         self.owed = {}
         self.busy = False
         self.backlog = []
@@ -94,7 +95,7 @@ class Subscriber:
             self._expiry.stop()
         self._expiry = None
 
-    def subscribe(self, tag, callback=None, resume=False):
+    def subscribe(self, tag, callback=None, resume=False, batches=False):
         """
         Subscribe to C{tag}.  With C{callback}, events are streamed to it in
         lists of L{Event}; if it returns a Deferred, no more events come
@@ -102,6 +103,8 @@ class Subscriber:
 
         @param resume: keep what the replicas queued for this client since
             it last went away, instead of starting afresh.
+        @param batches: give C{callback} lists of L{DeliveredBatch} instead,
+            for consumers that ingest at high rates.
         """
         try:
             spec = self._spec(tag)
@@ -110,7 +113,7 @@ class Subscriber:
         self.voter(tag)
         options = {"resume": resume}
         if callback is not None:
-            self._streams[tag] = _Stream(tag, callback)
+            self._streams[tag] = _Stream(tag, callback, batches)
             options.update(stream=True, credit=self.credit)
         request = Request(self.proxy.next_seq(), units.SUBSCRIBE, tag, options=options)
         quorum = self.config.acks_needed(spec.tag)
@@ -152,7 +155,10 @@ class Subscriber:
 
     def _hand_over(self, stream, decided):
         try:
-            result = stream.callback(self._events(stream.tag, decided))
+            opened = self._open(stream.tag, decided)
+            if not stream.batches:
+                opened = [event for batch in opened for event in batch.events()]
+            result = stream.callback(opened)
         except Exception:
             self.log.failure("the application failed on events of {tag}", tag=stream.tag)
             return
@@ -182,8 +188,12 @@ class Subscriber:
                 self.proxy.send(index, Request(0, units.CREDIT, stream.tag, owed))
 
     def _events(self, tag, decided):
+        return [event for batch in self._open(tag, decided) for event in batch.events()]
+
+    def _open(self, tag, decided):
         """
-        Open and decode decided batches into L{Event}s.
+        Open and decode decided batches into L{DeliveredBatch}es; a batch
+        that cannot be opened is counted and logged.
         """
         scheme = self.schemes(self.config.channels[tag].scheme)
         keys = self.keys
@@ -198,7 +208,7 @@ class Subscriber:
                     publisher=batch[0], tag=tag, why=e,
                 )
                 continue
-            events.extend(batch_events(batch, contents))
+            events.append(DeliveredBatch(*batch[:5], contents))
         return events
 
     def receive(self, tag, count):
