@@ -7,7 +7,7 @@ Publisher and subscriber processes that drive a cluster and record what happened
         --expect 20000 [--idle 30] [--delivered FILE]
 
 Each prints one JSON summary line on stdout when done.  The publisher records
-every acknowledged event as a line ``channel event_id`` in --acked; the
+every acknowledged event as a line ``channel event_id crc32`` in --acked; the
 subscriber records each delivery the same way in --delivered, so a checker can
 compare the two histories.  The subscriber says ``ready`` on stderr once
 subscribed.
@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from zlib import crc32
 
 
 def _percentile(sorted_values, fraction):
@@ -41,10 +42,12 @@ async def _publish(reactor, args, session):
     started = time.monotonic()
     wake = [None]
 
-    def record(ids, tag):
+    def record(ids, tag, contents):
         state["acked"] += len(ids)
         if acked_file:
-            acked_file.write("".join(f"{tag} {i}\n" for i in ids))
+            acked_file.write(
+                "".join(f"{tag} {i} {crc32(c):08x}\n" for i, c in zip(ids, contents))
+            )
         finished_one()
 
     def failed(failure, count):
@@ -79,7 +82,7 @@ async def _publish(reactor, args, session):
         state["sent"] += count
         state["outstanding"] += 1
         d = publisher.publish_many(tag, contents, args.urgency)
-        d.addCallbacks(record, failed, callbackArgs=(tag,), errbackArgs=(count,))
+        d.addCallbacks(record, failed, callbackArgs=(tag, contents), errbackArgs=(count,))
     if state["outstanding"]:
         await done
     elapsed = time.monotonic() - started
@@ -127,7 +130,7 @@ async def _subscribe(reactor, args, session):
                     except ValueError:
                         pass
                 if delivered_file:
-                    lines.append(f"{tag} {event.event_id}\n")
+                    lines.append(f"{tag} {event.event_id} {crc32(event.content):08x}\n")
             if delivered_file:
                 delivered_file.write("".join(lines))
             if args.expect and state["delivered"] >= args.expect and not done.called:

@@ -260,3 +260,23 @@ def test_batch_subscribers_get_contents_with_ids():
     assert [b.first_id for b in got] == [ids[0], ids[100], ids[200]]
     assert [e.event_id for b in got for e in b.events()] == ids
     assert got[0].contents[0] == b"e0"
+
+
+def test_expired_events_are_counted_and_logged_at_replicas():
+    """Events already past their TTL when they arrive are acknowledged, never delivered, counted and logged."""
+    from twisted.logger import capturedLogs
+
+    from fit_broker.units import Request, pack_contents
+
+    net = SimNet(cluster_config())
+    pub, sub = net.client("probe"), net.client("console")
+    got = collect(net, sub, "events")
+    old = ("probe", 1, net.clock.seconds() - 100, 10.0, 0, pack_contents([b"stale"]), b"")
+    with capturedLogs() as logs:
+        d = pub.proxy.invoke(Request(pub.proxy.next_seq(), "publish", "events", 0, (old,)), 2)
+        net.run()
+    assert d.result.ok
+    assert got == []
+    for replica in net.replicas:
+        assert replica.broker.channels["events"].counters["expired-on-arrival"] == 1
+    assert any("past their TTL" in str(e.get("text", "")) for e in logs)

@@ -101,3 +101,10 @@ def test_unknown_scheme_lists_available(tmp_path):
     config = load_config(write(tmp_path, GOOD.replace('class = "fast"', 'class = "fast"\nscheme = "rot26"')))
     with pytest.raises(UnknownComponent, match=r"'rot26'.*available: .*si"):
         scheme_lookup(config)
+
+
+def test_bft_needs_three_f_plus_one(tmp_path):
+    """A BFT channel on a cluster of fewer than 3f+1 replicas is refused with the numbers."""
+    text = GOOD.replace('class = "fast"', 'class = "fast"\nqop = "bft"')
+    with pytest.raises(ConfigError, match=r"\[channels\[0\].qop\]: .*n >= 3f\+1 = 4 replicas to tolerate 1.*has 2"):
+        load_config(write(tmp_path, text))

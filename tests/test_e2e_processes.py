@@ -76,6 +76,6 @@ def test_kill_and_pause_lose_nothing_and_duplicate_nothing(cluster, tmp_path):
     assert not lost, f"{len(lost)} lost, e.g. {sorted(lost)[:3]}"
     assert not unexpected, f"{len(unexpected)} unexpected"
     assert sub_summary["duplicates"] == 0
-    assert {tag for tag, _ in got} == set(CHANNELS)
+    assert {record[0] for record in got} == set(CHANNELS)
     for index in (0, 2, 3):
         assert "Traceback" not in cluster.output(index), cluster.output(index)[-2000:]

@@ -82,12 +82,15 @@ class BrokerService:
         seq = request.seq
         tag = channel.tag
         if method == units.PUBLISH:
+            expired_before = channel.counters["expired-on-arrival"]
             appended = channel.publish(client, request.batches, now)
             if appended:
                 self.on_ready(tag)
-            return Reply(
-                seq, Status.OK, channel=tag, info={"appended": sum(e[0] for e in appended)}
-            )
+            info = {"appended": sum(e[0] for e in appended)}
+            expired = channel.counters["expired-on-arrival"] - expired_before
+            if expired:
+                info["expired"] = expired
+            return Reply(seq, Status.OK, channel=tag, info=info)
         if method == units.REGISTER:
             channel.check_publisher(client)
             channel.registered.add(client)

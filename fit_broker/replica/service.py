@@ -66,6 +66,12 @@ class Replica:
         reply = self.broker.handle(client, request, self.clock.seconds())
         if not reply.ok:
             self.refused(client, request, reply)
+        elif reply.info.get("expired"):
+            self.refused(
+                client,
+                request,
+                Reply(reply.seq, "expired", f"dropped {reply.info['expired']} event(s) already past their TTL"),
+            )
         return reply
 
     def refused(self, client, request, reply):
