@@ -8,6 +8,12 @@ from fit_broker.errors import Status
 from fit_broker.units import batch_digest, digest_form, full_copy_senders, payload_count
 
 
+# Batches remembered per publisher and channel: more than a client proxy
+# keeps for a replica that is away (4,096 requests), so that every batch it
+# sends again on reconnecting is recognised.
+DEDUP_WINDOW = 8192
+
+
 class Refused(Exception):
     """
     A request the channel will not carry out, with its status and reason.
@@ -31,7 +37,7 @@ class Channel:
     """
 
     def __init__(
-        self, spec, scheme, ordering, keys=None, max_clock_skew=300.0, dedup_window=65_536,
+        self, spec, scheme, ordering, keys=None, max_clock_skew=300.0, dedup_window=DEDUP_WINDOW,
         light_copies=None,
     ):
         """
@@ -135,13 +141,12 @@ class Channel:
                     f"{self.scheme.name} check: {reason}",
                     reason,
                 )
-            key = (publisher, first_id)
-            if key in recent:
+            if first_id in recent:
                 duplicates += count
             elif timestamp + ttl <= now:
                 expired += count
             else:
-                recent.add(key, urgency)
+                recent.add(first_id, urgency)
                 fresh.append((count, self._outgoing(batch)))
         if duplicates:
             self.count("duplicate", duplicates)
