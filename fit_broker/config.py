@@ -13,7 +13,7 @@ import tomllib
 import attrs
 
 from fit_broker.components import ORDERINGS, QOP_MODES, VOTERS
-from fit_broker.errors import ConfigError
+from fit_broker.errors import ConfigError, RequestFailed
 from fit_broker.qos import ORDERINGS as ORDERING_NAMES
 from fit_broker.qos import OVERFLOW_POLICIES, QoSClass
 
@@ -86,6 +86,25 @@ class ClusterConfig:
 
     def channel(self, tag):
         return self.channels.get(tag)
+
+    def authorised(self, tag, client, publish):
+        """
+        Return the spec of channel C{tag} if C{client} may publish to it (or
+        subscribe to it, with C{publish} false).
+
+        @raise RequestFailed: naming the channel and this file otherwise.
+        """
+        spec = self.channels.get(tag)
+        if spec is None:
+            raise RequestFailed("unknown-channel", f"no channel {tag!r} in {self.path}")
+        allowed = spec.may_publish(client) if publish else spec.may_subscribe(client)
+        if not allowed:
+            raise RequestFailed(
+                "unauthorized",
+                f"client {client!r} may not {'publish to' if publish else 'subscribe to'} "
+                f"channel {tag!r} (control table in {self.path})",
+            )
+        return spec
 
     def acks_needed(self, tag):
         mode = QOP_MODES[self.channels[tag].qop]

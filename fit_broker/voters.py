@@ -32,8 +32,41 @@ class _Voter:
         """
 
 
+class _FirstAcceptable(_Voter):
+    """
+    Deliver the first full copy of each batch that L{_refusal} accepts.
+    """
+
+    def _refusal(self, batch):
+        return None
+
+    def offer(self, replica, batches, now):
+        decided_ids = self._decided
+        counters = self.counters
+        decided = []
+        for batch in batches:
+            key = (batch[0], batch[1])
+            if key in decided_ids:
+                counters["duplicate"] += 1
+            elif not batch[5]:
+                self.count("digest-only")
+            elif batch[2] + batch[3] <= now:
+                counters["expired"] += 1
+            elif decided_ids.is_stale(batch[0], batch[4], batch[1]):
+                counters["stale"] += 1
+            else:
+                reason = self._refusal(batch)
+                if reason is None:
+                    decided_ids.add(key, batch[4])
+                    decided.append(batch)
+                else:
+                    self.count(f"{reason}:replica-{replica}")
+        counters["delivered"] += len(decided)
+        return decided
+
+
 @implementer(IVoter)
-class FirstCopyVoter(_Voter):
+class FirstCopyVoter(_FirstAcceptable):
     """
     CFT: the first copy of each batch wins and later copies are dropped.
 
@@ -49,30 +82,9 @@ class FirstCopyVoter(_Voter):
         """
         super().__init__(window)
 
-    def offer(self, replica, batches, now):
-        decided_ids = self._decided
-        seen = decided_ids._seen
-        counters = self.counters
-        decided = []
-        for batch in batches:
-            key = (batch[0], batch[1])
-            if key in seen:
-                counters["duplicate"] += 1
-            elif not batch[5]:
-                counters["digest-only"] = counters.get("digest-only", 0) + 1
-            elif batch[2] + batch[3] <= now:
-                counters["expired"] += 1
-            elif decided_ids.is_stale(batch[0], batch[4], batch[1]):
-                counters["stale"] += 1
-            else:
-                decided_ids.add(key, batch[4])
-                decided.append(batch)
-        counters["delivered"] += len(decided)
-        return decided
-
 
 @implementer(IVoter)
-class SignatureVoter(_Voter):
+class SignatureVoter(_FirstAcceptable):
     """
     BFT with a subscriber-verifiable scheme (PKS, PKE): the first copy whose
     signature verifies is the batch, so one correct replica suffices.
@@ -84,35 +96,12 @@ class SignatureVoter(_Voter):
         super().__init__(window)
         if scheme is None or not scheme.subscriber_verifiable:
             raise ValueError("the signature voter needs a subscriber-verifiable scheme")
-        self._scheme = scheme
+        self._check = scheme.check_delivered
         self._keys = keys
         self._channel = channel
 
-    def offer(self, replica, batches, now):
-        decided_ids = self._decided
-        check = self._scheme.check_delivered
-        keys, channel = self._keys, self._channel
-        counters = self.counters
-        decided = []
-        for batch in batches:
-            key = (batch[0], batch[1])
-            if key in decided_ids:
-                counters["duplicate"] += 1
-            elif not batch[5]:
-                counters["digest-only"] = counters.get("digest-only", 0) + 1
-            elif batch[2] + batch[3] <= now:
-                counters["expired"] += 1
-            elif decided_ids.is_stale(batch[0], batch[4], batch[1]):
-                counters["stale"] += 1
-            else:
-                reason = check(keys, channel, batch)
-                if reason is None:
-                    decided_ids.add(key, batch[4])
-                    decided.append(batch)
-                else:
-                    self.count(f"{reason}:replica-{replica}")
-        counters["delivered"] += len(decided)
-        return decided
+    def _refusal(self, batch):
+        return self._check(self._keys, self._channel, batch)
 
 
 @implementer(IVoter)

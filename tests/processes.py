@@ -3,31 +3,13 @@ Real replica processes on 127.0.0.1 for integration tests.
 """
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
+
+from benchmarks.cluster import free_ports, twistd, wait_for_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_ports(count):
-    sockets = []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def twistd():
-    found = shutil.which("twistd", path=os.path.dirname(sys.executable))
-    return [found] if found else [sys.executable, "-m", "twisted"]
 
 
 def write_cluster(folder, channels, replicas=4, faults=1, capacity=100_000, ttl=300):
@@ -120,17 +102,6 @@ class ReplicaProcesses:
     def output(self, index):
         with open(os.path.join(self.folder, f"replica-{index}.out"), "rb") as f:
             return f.read().decode("utf-8", "replace")
-
-
-def wait_for_port(port, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
 def loadgen(role, *args, **kwargs):

@@ -4,7 +4,6 @@ subscriber process, while replicas are killed and paused.
 """
 
 import json
-import os
 import signal
 import time
 from collections import Counter

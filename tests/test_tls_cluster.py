@@ -5,7 +5,6 @@ with BFT channels under HA, PKS and PKE.
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 

@@ -47,16 +47,7 @@ class Publisher:
         self._in_flight = 0
 
     def _channel(self, tag):
-        spec = self.config.channel(tag)
-        if spec is None:
-            raise RequestFailed("unknown-channel", f"no channel {tag!r} in {self.config.path}")
-        if not spec.may_publish(self.client):
-            raise RequestFailed(
-                "unauthorized",
-                f"client {self.client!r} may not publish to channel {tag!r} "
-                f"(control table in {self.config.path})",
-            )
-        return spec
+        return self.config.authorised(tag, self.client, publish=True)
 
     def register(self, tag):
         """

@@ -8,7 +8,7 @@ from twisted.logger import Logger
 
 from fit_broker import units
 from fit_broker.components import VOTERS
-from fit_broker.errors import FitBrokerError, RequestFailed
+from fit_broker.errors import FitBrokerError
 from fit_broker.units import DeliveredBatch, Request, credit_cost
 
 DEFAULT_CREDIT = 4000
@@ -57,16 +57,7 @@ class Subscriber:
         proxy.on_link_up.append(self._link_up)
 
     def _spec(self, tag):
-        spec = self.config.channel(tag)
-        if spec is None:
-            raise RequestFailed("unknown-channel", f"no channel {tag!r} in {self.config.path}")
-        if not spec.may_subscribe(self.client):
-            raise RequestFailed(
-                "unauthorized",
-                f"client {self.client!r} may not subscribe to channel {tag!r} "
-                f"(control table in {self.config.path})",
-            )
-        return spec
+        return self.config.authorised(tag, self.client, publish=False)
 
     def voter(self, tag):
         voter = self.voters.get(tag)
