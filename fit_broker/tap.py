@@ -75,7 +75,7 @@ def makeService(options, reactor=None):
     cluster = options["cluster"]
     try:
         if cluster is None:
-            return make_local_cluster(reactor, syslog=False)
+            return make_local_cluster(reactor)
         index = options["replica-id"]
         keys, tls_options, identify = replica_credentials(cluster, index)
         return make_replica_service(

@@ -24,7 +24,7 @@ import uuid
 import pytest
 
 from fit_broker import pki
-from tests.processes import ROOT, ReplicaProcesses, free_ports, twistd, wait_for_port
+from tests.processes import ReplicaProcesses, free_ports, twistd, wait_for_port
 
 pytestmark = pytest.mark.integration
 
