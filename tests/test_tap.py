@@ -68,3 +68,25 @@ def test_embedded_cluster(tmp_path, monkeypatch):
     replicas = [c for c in service if hasattr(c, "replica")]
     assert len(replicas) == 4
     assert (tmp_path / "fitbroker-local" / "cluster.toml").exists()
+
+
+def test_a_port_in_use_stops_start_up_with_one_line():
+    """A replica whose port is taken ends start-up with a line naming the address, not a traceback."""
+    import socket
+
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.protocol import Factory
+
+    from fit_broker.listening import MustListen
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        service = MustListen(serverFromString(reactor, f"tcp:{port}:interface=127.0.0.1"), Factory())
+        with pytest.raises(SystemExit, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            service.privilegedStartService()
+    finally:
+        taken.close()

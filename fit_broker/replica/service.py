@@ -2,7 +2,7 @@
 A replica as a Twisted service: the broker service behind a listening endpoint.
 """
 
-from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -10,6 +10,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from fit_broker import units
 from fit_broker.broker.service import BrokerService
+from fit_broker.listening import MustListen
 from fit_broker.errors import Status
 from fit_broker.units import Reply
 from fit_broker.replica.protocol import ReplicaFactory
@@ -139,7 +140,7 @@ def make_replica_service(
     factory = ReplicaFactory(replica)
     if tls_options is not None:
         factory = TLSMemoryBIOFactory(tls_options, False, factory)
-    listener = StreamServerEndpointService(endpoint, factory)
+    listener = MustListen(endpoint, factory)
     listener.setServiceParent(top)
     expiry = TimerService(EXPIRY_INTERVAL, replica.expire)
     expiry.clock = reactor

@@ -13,7 +13,7 @@ import socket
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import crypto
-from twisted.application.internet import StreamServerEndpointService, TimerService, UDPServer
+from twisted.application.internet import TimerService, UDPServer
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
@@ -28,6 +28,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from fit_broker.credentials import client_credentials
 from fit_broker.errors import ConfigError
+from fit_broker.listening import MustListen
 from fit_broker.schemes.registry import scheme_lookup
 from fit_broker.syslog.bridge import SyslogBridge
 from fit_broker.syslog.config import (
@@ -326,11 +327,7 @@ def _stream_listener(spec, bridge, settings, reactor, where):
         endpoint = serverFromString(reactor, description)
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"{where}: invalid endpoint {spec.endpoint!r}: {e}") from None
-    service = StreamServerEndpointService(endpoint, factory)
-    # A port that cannot be bound stops the adapter instead of leaving it
-    # running deaf.
-    service._raiseSynchronously = True
-    return service
+    return MustListen(endpoint, factory)
 
 
 def make_syslog_service(cluster_config, syslog_settings, reactor, keys=None):
