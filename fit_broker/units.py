@@ -148,9 +148,15 @@ def credit_cost(batch):
 
 def batch_digest(batch):
     """
-    Return the SHA-256 digest that stands for a whole wire batch in votes.
+    Return the SHA-256 digest that stands for a whole wire batch in votes:
+    over the encoded header, then the payload and proof as they are (no copy
+    of the payload is made).
     """
-    return sha256(_pack_contents(batch)).digest()
+    publisher, first_id, timestamp, ttl, urgency, payload, proof = batch
+    digest = sha256(_pack_contents((publisher, first_id, timestamp, ttl, urgency, len(payload))))
+    digest.update(payload)
+    digest.update(proof)
+    return digest.digest()
 
 
 def digest_form(batch, digest):
