@@ -293,19 +293,28 @@ def parse_config(path, data):
     )
 
 
-def load_config(path):
+def read_toml(path, what):
     """
-    Read and validate the cluster file at C{path}.
+    Return the parsed TOML file at C{path}, C{what} saying in errors what
+    the file should be.
+
+    @raise ConfigError: naming the file and the problem.
     """
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such configuration file") from None
+        raise ConfigError(f"{path}: no such {what}") from None
     except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder, expected a cluster TOML file") from None
+        raise ConfigError(f"{path}: is a folder, expected {what}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    return parse_config(path, data)
+
+
+def load_config(path):
+    """
+    Read and validate the cluster file at C{path}.
+    """
+    return parse_config(path, read_toml(path, "configuration file"))

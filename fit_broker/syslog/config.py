@@ -10,11 +10,11 @@ raised before anything listens.
 """
 
 import os
-import tomllib
 import zoneinfo
 
 import attrs
 
+from fit_broker.config import read_toml
 from fit_broker.errors import ConfigError
 from fit_broker.keys import check_client_name
 from fit_broker.syslog.framing import DEFAULT_MAX_SIZE
@@ -411,18 +411,7 @@ def load_settings(path):
     """
     Read and validate the adapter's settings file at C{path}.
     """
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such syslog settings file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder, expected the syslog adapter's TOML file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    return parse_settings(path, data)
+    return parse_settings(path, read_toml(path, "syslog settings file"))
 
 
 def default_settings_path(cluster_path):
