@@ -4,7 +4,7 @@ Voters: how a subscriber combines the copies of batches that replicas send it.
 Every voter remembers what it delivered (L{RecentIds}, keyed by the batch's
 publisher and first event id), so nothing is delivered twice, and checks the
 TTL itself, so a replica with a wrong clock cannot make it deliver an
-expired event.  Copies are compared whole, payload and proof included, and
+expired event (a deadline that is not a number counts as passed).  Copies are compared whole, payload and proof included, and
 only decided batches are ever decoded.
 """
 
@@ -50,7 +50,7 @@ class _FirstAcceptable(_Voter):
                 counters["duplicate"] += 1
             elif not batch[5]:
                 self.count("digest-only")
-            elif batch[2] + batch[3] <= now:
+            elif not batch[2] + batch[3] > now:
                 counters["expired"] += 1
             elif decided_ids.is_stale(batch[0], batch[4], batch[1]):
                 counters["stale"] += 1
@@ -157,7 +157,7 @@ class MatchingCopiesVoter(_Voter):
                 counters["duplicate"] += 1
                 continue
             deadline = batch[2] + batch[3]
-            if deadline <= now:
+            if not deadline > now:
                 counters["expired"] += 1
                 continue
             if decided_ids.is_stale(batch[0], batch[4], batch[1]):
@@ -203,7 +203,7 @@ class MatchingCopiesVoter(_Voter):
                 winner = entry[1].get(digest)
                 if winner is not None:
                     self._decide(key, digest)
-                    if winner[2] + winner[3] <= now:
+                    if not winner[2] + winner[3] > now:
                         counters["expired"] += 1
                     else:
                         decided.append(winner)
@@ -226,7 +226,7 @@ class MatchingCopiesVoter(_Voter):
         """
         owned = self._owned
         for key, (votes, _, deadline) in list(self._pending.items()):
-            if deadline <= now:
+            if not deadline > now:
                 del self._pending[key]
                 self.counters["expired"] += 1
                 for voters in votes.values():

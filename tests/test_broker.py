@@ -95,6 +95,8 @@ def test_forged_publisher_name_refused(broker):
         (event(1, ttl=0.0), "bad-ttl"),
         (event(1, ttl=61.0), "bad-ttl"),
         (event(1, timestamp=NOW + 3600), "timestamp-out-of-bounds"),
+        (event(1, timestamp=float("nan")), "timestamp-out-of-bounds"),
+        (event(1, ttl=float("inf")), "bad-ttl"),
         (event(1, contents=()), "bad-payload"),
         (("probe", 1, NOW, 30.0, 0, b"\xc4\x03abc", b""), "bad-payload"),
     ],

@@ -127,7 +127,7 @@ class Channel:
                     f"batch {index}: ttl {ttl} outside (0, {max_ttl}]",
                     "bad-ttl",
                 )
-            if timestamp > latest:
+            if not timestamp <= latest:
                 raise self.refuse(
                     Status.BAD_REQUEST,
                     f"batch {index}: timestamp out of bounds ({timestamp - now:.1f} s ahead)",
