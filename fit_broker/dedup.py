@@ -1,19 +1,20 @@
 """
-Remembering which events were already seen, within a bound.
+Remembering which batches were already seen, within a bound.
 """
 
 
 class RecentIds:
     """
-    The last C{window} event identities seen, oldest forgotten first.
+    The last C{window} batch identities seen, oldest forgotten first.
 
-    With C{floors} on, forgetting an event raises a floor per
-    C{(publisher, urgency)}: an unseen identity at or below its floor is
-    reported as stale.  Within one urgency level every correct replica
-    forwards a publisher's events in id order, so a first copy can never
-    arrive after a later event of the same level was forgotten; what the
-    floor catches are the stale copies of a replica that was paused, or
-    replays from a faulty one.
+    Keys are C{(publisher, first_id)}, or a bare first id where the
+    publisher is implied.  With C{floors} on (keys must then be pairs),
+    forgetting a batch raises a floor per C{(publisher, urgency)}: an unseen
+    identity at or below its floor is reported as stale.  Within one urgency
+    level every correct replica forwards a publisher's batches in id order,
+    so a first copy can never arrive after a later batch of the same level
+    was forgotten; what the floor catches are the stale copies of a replica
+    that was paused, or replays from a faulty one.
     """
 
     __slots__ = ("window", "_seen", "_floors")
@@ -29,16 +30,16 @@ class RecentIds:
     def __contains__(self, key):
         return key in self._seen
 
-    def is_stale(self, publisher, urgency, event_id):
+    def is_stale(self, publisher, urgency, first_id):
         floors = self._floors
         if not floors:
             return False
         floor = floors.get((publisher, urgency))
-        return floor is not None and event_id <= floor
+        return floor is not None and first_id <= floor
 
     def add(self, key, urgency):
         """
-        Remember C{key} = C{(publisher, event_id)} seen at C{urgency}.
+        Remember C{key} seen at C{urgency}.
         """
         seen = self._seen
         seen[key] = urgency

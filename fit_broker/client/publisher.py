@@ -103,6 +103,9 @@ class Publisher:
                 self._close(key)
         if self._open and self._flush_call is None:
             self._flush_call = self.clock.callLater(0, self._flush_all)
+        if len(waiters) == 1:
+            # the common case, one batch: its Deferred fires with the ids
+            return waiters[0]
         result = DeferredList(waiters, fireOnOneErrback=True, consumeErrors=True)
         result.addCallbacks(
             lambda results: [i for _, chunk_ids in results for i in chunk_ids],
