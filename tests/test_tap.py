@@ -46,7 +46,7 @@ def test_usage_errors(argv, message):
 
 
 def test_each_replica_gets_its_own_pidfile():
-    """Replicas started from one folder get distinct pid files unless the user chose one."""
+    """Replicas started from one folder get distinct pid and log files unless the user chose them."""
     pidfiles = set()
     for index in ("0", "1"):
         config = ServerOptions()
@@ -57,6 +57,10 @@ def test_each_replica_gets_its_own_pidfile():
     config = ServerOptions()
     config.parseOptions(["--pidfile", "mine.pid", "fitbroker", "--config", "etc/local-cluster.toml", "--replica-id", "0"])
     assert config["pidfile"].endswith("mine.pid")
+    assert config["logfile"] == "fitbroker-local-replica-0.log"
+    config = ServerOptions()
+    config.parseOptions(["-n", "fitbroker", "--config", "etc/local-cluster.toml", "--replica-id", "1"])
+    assert config["logfile"] is None
 
 
 def test_embedded_cluster(tmp_path, monkeypatch):
