@@ -12,7 +12,8 @@ from fit_broker.errors import FitBrokerError
 
 DEFAULT_CONFIG = os.path.join("fitbroker-local", "cluster.toml")
 CONNECT_TIMEOUT = 10.0
-STDIN_CHUNK = 1000
+STDIN_CHUNK = 1 << 16
+STDIN_WINDOW = 64
 
 
 class CommandError(FitBrokerError):
@@ -121,9 +122,6 @@ async def _connect(reactor, config, client):
 
 
 async def _publish(reactor, args):
-    from twisted.internet.defer import gatherResults
-    from twisted.internet.threads import deferToThread
-
     config, client = _load(args)
     _check_channel(config, args.channel, lambda s: s.may_publish(client), "publish to")
     session = await _connect(reactor, config, client)
@@ -135,25 +133,59 @@ async def _publish(reactor, args):
             await publisher.publish_many(args.channel, contents, args.urgency, args.ttl)
             total = len(contents)
         else:
-            stdin = sys.stdin.buffer
-            while True:
-                lines = await deferToThread(stdin.readlines, 1 << 16)
-                if not lines:
-                    break
-                contents = [line.rstrip(b"\r\n") for line in lines]
-                batches = [
-                    publisher.publish_many(
-                        args.channel, contents[i : i + STDIN_CHUNK], args.urgency, args.ttl
-                    )
-                    for i in range(0, len(contents), STDIN_CHUNK)
-                ]
-                await gatherResults(batches, consumeErrors=True)
-                total += len(contents)
+            total = await _publish_stdin(reactor, publisher, args)
     except Exception as e:
         raise _unwrap(e) from None
     finally:
         session.stop()
     print(f"published {total} event(s) to {args.channel}", file=sys.stderr)
+
+
+async def _publish_stdin(reactor, publisher, args):
+    """
+    Publish each line of standard input as it arrives: a reader thread hands
+    over whatever lines are there (so a pipe from `journalctl -f` flows at
+    once and a large file goes in large batches), and stops reading while
+    too many chunks wait for acknowledgement.
+    """
+    import threading
+
+    from twisted.internet.defer import Deferred, gatherResults
+
+    window = threading.Semaphore(STDIN_WINDOW)
+    outstanding = []
+    finished = Deferred()
+    count = [0]
+
+    def publish(lines):
+        contents = [line.rstrip(b"\r") for line in lines]
+        count[0] += len(contents)
+        d = publisher.publish_many(args.channel, contents, args.urgency, args.ttl)
+        d.addBoth(lambda result: (window.release(), result)[1])
+        outstanding.append(d)
+
+    def read(fd):
+        rest = b""
+        while True:
+            window.acquire()
+            data = os.read(fd, STDIN_CHUNK)
+            if not data:
+                window.release()
+                break
+            *lines, rest = (rest + data).split(b"\n")
+            if lines:
+                reactor.callFromThread(publish, lines)
+            else:
+                window.release()
+        if rest:
+            window.acquire()
+            reactor.callFromThread(publish, [rest])
+        reactor.callFromThread(finished.callback, None)
+
+    threading.Thread(target=read, args=(sys.stdin.fileno(),), daemon=True).start()
+    await finished
+    await gatherResults(outstanding, consumeErrors=True)
+    return count[0]
 
 
 def _unwrap(error):

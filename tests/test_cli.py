@@ -110,3 +110,29 @@ def test_no_replica_reachable(tmp_path):
     path, _ = write_cluster(str(tmp_path), ["events"])
     env_timeout = fitbroker("publish", "--config", path, "events", "x", timeout=60)
     one_line_error(env_timeout, "cannot reach the cluster", "0 of 4 replicas reachable", "is the cluster running?")
+
+
+def test_publish_streams_stdin_lines_as_they_come(cluster):
+    """A line written to publish's standard input is delivered before the input ends (as from `journalctl -f`)."""
+    config = cluster.config_path
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    command = [sys.executable, "-c", "import sys; from fit_broker.cli import main; sys.exit(main())"]
+    tail = subprocess.Popen(
+        command + ["tail", "--config", config, "--as", "console", "--count", "1", "alerts"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    assert b"subscribed" in tail.stderr.readline()
+    publish = subprocess.Popen(
+        command + ["publish", "--config", config, "alerts"],
+        cwd=ROOT, stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    try:
+        publish.stdin.write(b"first line, input still open\n")
+        publish.stdin.flush()
+        out, _ = tail.communicate(timeout=30)
+        assert json.loads(out)["content"] == "first line, input still open"
+        assert publish.poll() is None
+    finally:
+        publish.stdin.close()
+    assert publish.wait(30) == 0
+    assert b"published 1 event(s)" in publish.stderr.read()
