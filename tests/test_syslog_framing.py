@@ -6,6 +6,8 @@ step, bad counts, chunking independence and linear cost on huge lines.
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fit_broker.syslog.framing import COUNTERS, Frame, OctetOrLineFramer, trim_datagram
 
@@ -305,3 +307,49 @@ def test_huge_octet_frame_in_small_chunks_is_linear():
     elapsed = time.perf_counter() - started
     assert frames == [Frame(body, False)]
     assert elapsed < 2.0
+
+
+class _StateMachineOnly(OctetOrLineFramer):
+    """The framer without its many-lines fast path."""
+
+    def _lines(self, data, pos, frames):
+        return pos
+
+
+_LINE_PIECES = [
+    b"<134>Nov 26 23:41:12 web01 nginx[1234]: x", b"\n", b"\r\n", b"\0", b"\r", b"5 ", b"12 ",
+    b"0", b"9", b"x" * 70, b"abc", b" ", b"\n\n", b"\0\n", b"\r\0\n",
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.sampled_from(_LINE_PIECES), max_size=40).map(b"".join),
+    st.lists(st.integers(min_value=1, max_value=50), max_size=6),
+    st.sampled_from([8, 64, 65536]),
+)
+def test_lines_fast_path_matches_state_machine(stream, chunks, max_size):
+    """Frames and counters are the same with and without the many-lines fast path."""
+    results = []
+    for cls in (OctetOrLineFramer, _StateMachineOnly):
+        framer = cls(max_size=max_size)
+        frames, pos = [], 0
+        for size in chunks + [len(stream)]:
+            frames += framer.feed(stream[pos : pos + size])
+            pos += size
+        frames += framer.end()
+        results.append((frames, framer.counters))
+    assert results[0] == results[1]
+    assert all(type(frame.data) is bytes for frame in results[0][0])
+
+
+@pytest.mark.parametrize("trailer", [b"", b"\r", b"\0", b"\r\0", b"\0\r"])
+def test_lines_fast_path_at_size_limit(trailer):
+    """Lines around the maximum size are kept, cut or dropped as by the state machine."""
+    for n in range(5, 12):
+        stream = b"abc\n" + b"x" * n + trailer + b"\n" + b"d\n"
+        results = []
+        for cls in (OctetOrLineFramer, _StateMachineOnly):
+            framer = cls(max_size=8)
+            results.append((framer.feed(stream) + framer.end(), framer.counters))
+        assert results[0] == results[1]

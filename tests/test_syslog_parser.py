@@ -8,6 +8,8 @@ import datetime
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fit_broker.syslog.parser import (
     JSON_KEYS,
@@ -717,3 +719,78 @@ def test_message_is_frozen():
     with pytest.raises(AttributeError):
         message.msg = "y"
     assert isinstance(message, SyslogMessage)
+
+
+def _general(raw, received_at=RECEIVED, local_tz=None, source=SOURCE):
+    """Parse C{raw} through the general path only, bypassing the 3164 fast path."""
+    from fit_broker.syslog import parser
+
+    common = {"source": source, "raw": raw, "truncated": False}
+    try:
+        return parser._parse(raw, received_at, local_tz or datetime.timezone.utc, common)
+    except parser._Malformed as error:
+        return parser._unparsed(raw, error.args[0], common)
+
+
+def _check_fast_path(raw, received_at=RECEIVED, local_tz=None):
+    """The fast path, when it takes C{raw}, gives the general path's message and JSON."""
+    from fit_broker.syslog import parser
+
+    parser._STAMPS.clear()
+    fast = parse(raw, SOURCE, received_at, local_tz=local_tz)
+    parser._STAMPS.clear()
+    general = _general(raw, received_at, local_tz)
+    assert fast == general
+    assert fast.to_json_bytes() == general.to_json_bytes()
+    return parser._FAST_3164.match(raw) is not None
+
+
+def test_fast_path_matches_general_path_on_corpus():
+    """Every corpus message parses the same with and without the RFC 3164 fast path."""
+    taken = [_check_fast_path(param.values[0]) for param in CORPUS]
+    assert any(taken)
+
+
+def _piece(*choices):
+    """The first choice (the fast path's shape) half the time, else any."""
+    return st.one_of(st.just(choices[0]), st.sampled_from(choices))
+
+
+_FAST_PIECES = st.tuples(
+    _piece(b"<134>", b"<0>", b"<13>", b"<191>", b"<192>", b"<013>", b"", b"<1>"),
+    _piece(b"Nov", b"Feb", b"NOV", b"Xyz", b"*Nov", b"2024-01-15T10:00:00Z"),
+    _piece(b" ", b"  "),
+    _piece(b"26", b"1", b"01", b"29", b"30", b"31", b"32", b"1 2024"),
+    _piece(b" 23:41:12", b" 24:00:00", b" 23:59:60", b" 12:00:00.123", b" 10:00:00 UTC"),
+    _piece(b" ", b"  ", b": ", b" UTC 2024 "),
+    _piece(
+        b"web01", b"a", b"CET", b"UTC", b"h.example.com", b"2001:db8::1", b"x" * 256, b"_h-1", b""
+    ),
+    _piece(b" ", b"  ", b" : ", b""),
+    _piece(
+        b"nginx[1234]:", b"app:", b"1234:", b"2024:", b"app[]:", b"app[1]", b"a[b[c]:",
+        b"%ASA-6-1:", b"t" * 129 + b":", b"app[" + b"9" * 129 + b"]:", b"app", b"app[1]x:",
+    ),
+    _piece(b" ", b"", b"  ", b"x"),
+    _piece(b"hello world", b"", BOM + b"bom", b"\xff\xfe", b"caf\xc3\xa9", b"a\nb"),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    _FAST_PIECES.map(b"".join),
+    st.floats(min_value=0, max_value=4e9, allow_nan=False),
+    st.sampled_from(
+        [None, datetime.timezone.utc, datetime.timezone(datetime.timedelta(hours=-11, minutes=-30))]
+    ),
+)
+def test_fast_path_matches_general_path(raw, received_at, local_tz):
+    """Messages near the fast path's shape parse the same with and without it."""
+    _check_fast_path(raw, received_at, local_tz)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=80).map(lambda tail: b"<134>Nov 26 23:41:12 web01 " + tail))
+def test_fast_path_matches_general_path_random_tail(raw):
+    """Whatever follows a fast-path header, both paths agree."""
+    _check_fast_path(raw)

@@ -248,11 +248,7 @@ class SyslogBridge:
                 self.count("rate-limited-pauses")
                 reader.pause_reading(RATE)
                 self.clock.callLater(-balance / self.buckets.rate, reader.resume_reading, RATE)
-        for frame in frames:
-            if self.spooled_events >= self.max_events or self.spooled_bytes >= self.max_bytes:
-                self.count("spool-full")
-                continue
-            self._accept(frame.data, source, frame.truncated, now)
+        self._accept_frames(frames, source, now)
 
     def _turn_time(self):
         """
@@ -266,6 +262,56 @@ class SyslogBridge:
             if self._flush_call is None:
                 self._flush_call = self.clock.callLater(0, self.flush)
         return now
+
+    def _accept_frames(self, frames, source, now):
+        """
+        Accept C{frames} up to the spool's hard bounds, as L{_accept} does
+        one by one, in one loop: the spool level, the counters and the
+        lookups stay in locals for the whole read (the level is written
+        back before anything outside the bridge can look at it).
+        """
+        counters = self.counters
+        route = self.router.route
+        levels_of = self.urgency_levels.get
+        pending = self._pending
+        max_size, local_tz = self.max_size, self.local_tz
+        max_events, max_bytes = self.max_events, self.max_bytes
+        high_events, high_bytes = self.high_events, self.high_bytes
+        events, size = self.spooled_events, self.spooled_bytes
+        try:
+            for frame in frames:
+                if events >= max_events or size >= max_bytes:
+                    counters["spool-full"] += 1
+                    continue
+                msg = parse(frame.data, source, now, max_size, local_tz, frame.truncated)
+                counters[_FORMAT_COUNTERS[msg.format]] += 1
+                if msg.truncated:
+                    counters["truncated"] += 1
+                if msg.reason is not None:
+                    prefix = "malformed:" if msg.format == UNPARSED else "lenient:"
+                    for reason in msg.reasons:
+                        counters[prefix + reason] += 1
+                channel, urgency = route(msg)
+                if channel is None:
+                    counters["dropped-malformed"] += 1
+                    continue
+                levels = levels_of(channel)
+                if levels is not None and urgency >= levels:
+                    urgency = levels - 1
+                content = msg.to_json_bytes()
+                events += 1
+                size += len(content)
+                counters["accepted"] += 1
+                key = (channel, urgency)
+                contents = pending.get(key)
+                if contents is None:
+                    contents = pending[key] = []
+                contents.append(content)
+                if not self.paused and (events >= high_events or size >= high_bytes):
+                    self.spooled_events, self.spooled_bytes = events, size
+                    self._pause()
+        finally:
+            self.spooled_events, self.spooled_bytes = events, size
 
     def _accept(self, data, source, truncated, now):
         # The hot path: one call per message, so counters are updated inline.

@@ -34,6 +34,8 @@ _DIGITS = b"0123456789"
 _NONZERO = b"123456789"
 _SP = 0x20
 _LF = b"\n"
+# Last bytes of a line that trimming may remove.
+_TRAILERS = frozenset({b"\0", b"\r"})
 
 # States.
 _START = "start"  # at a frame boundary
@@ -59,10 +61,14 @@ def trim_datagram(data):
     return data
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)
 class Frame:
     """
     One message's bytes, without framing.
+
+    Not slotted: a frozen dict class is built with plain C{__dict__}
+    stores, cheaper than a slotted one's C{object.__setattr__} calls, and
+    one is built per message.
 
     @ivar truncated: the sender's frame was longer than the maximum size
         (or was cut by the connection closing); C{data} is its head.
@@ -111,9 +117,18 @@ class OctetOrLineFramer:
         buffer += data
         frames = []
         pos = 0
+        snapshot = None
         while pos < len(buffer):
             state = self._state
             if state == _START:
+                if buffer[pos] not in _NONZERO:
+                    if snapshot is None:
+                        # The buffer does not change until the loop ends.
+                        snapshot = bytes(buffer)
+                    end = self._lines(snapshot, pos, frames)
+                    if end != pos:
+                        pos = end
+                        continue
                 pos = self._start(buffer, pos)
                 if self._state == _START:
                     break  # a count's digits, waiting for more
@@ -196,6 +211,48 @@ class OctetOrLineFramer:
         else:
             self.counters["discarded-bytes"] += len(buffer)
         return frames
+
+    def _lines(self, data, pos, frames):
+        """
+        Frame the complete lines from C{pos} on in one loop; return where
+        it stopped.
+
+        The common stream is many short LF-terminated lines per read: this
+        frames them as L{_start} and L{_line_frame} would, without a state
+        change per line.  It stops, leaving the rest to the state machine,
+        at a line that starts with a non-zero digit (it may be octet
+        counted), at one too long to keep whole, and at the partial line.
+        """
+        find = data.find
+        limit = self.max_size
+        end = len(data)
+        emitted = empty = 0
+        append = frames.append
+        while pos < end:
+            first = data[pos]
+            if 0x31 <= first <= 0x39:
+                break
+            newline = find(_LF, pos)
+            if newline < 0 or newline - pos > limit:
+                break
+            line = data[pos:newline]
+            pos = newline + 1
+            if line[-1:] in _TRAILERS:
+                line = line.rstrip(b"\0")
+                if line.endswith(b"\r"):
+                    line = line[:-1].rstrip(b"\0")
+            if line:
+                append(Frame(line))
+                emitted += 1
+            else:
+                empty += 1
+        if emitted:
+            counters = self.counters
+            counters["frames"] += emitted
+            counters["lf-framed"] += emitted
+        if empty:
+            self.counters["empty"] += empty
+        return pos
 
     def _start(self, buffer, pos):
         """
