@@ -24,12 +24,36 @@ def cli(*args, timeout=60, stdin=None):
     )
 
 
+def consecutive_free_ports(count):
+    """
+    Return the first of C{count} consecutive ports that are free right now
+    (fitbroker init numbers replica ports from one base).
+    """
+    import socket
+
+    for _ in range(200):
+        base = free_ports(1)[0]
+        if base + count > 65000:
+            continue
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+        return base
+    raise AssertionError("no run of free ports found")
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tls")
-    first = free_ports(1)[0]
-    while first + 3 > 65000:
-        first = free_ports(1)[0]
+    first = consecutive_free_ports(4)
     directory = str(folder / "c")
     result = cli("init", directory, "--replicas", "4", "--faults", "1", "--clients", "local", "probe",
                  "--first-port", str(first))
