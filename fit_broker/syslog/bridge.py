@@ -21,7 +21,7 @@ from twisted.logger import Logger
 
 from fit_broker.errors import RequestFailed
 from fit_broker.syslog.config import SpoolLimits
-from fit_broker.syslog.framing import DEFAULT_MAX_SIZE, trim_datagram
+from fit_broker.syslog.framing import DEFAULT_MAX_SIZE, Frame, trim_datagram
 from fit_broker.syslog.parser import RFC3164, RFC5424, UNPARSED, parse
 
 #: Refusals that a retry cannot cure: the configuration must change.
@@ -224,7 +224,7 @@ class SyslogBridge:
         if self.spooled_events >= self.high_events or self.spooled_bytes >= self.high_bytes:
             self.count("dropped-udp")
             return
-        self._accept(data, source, False, now)
+        self._accept_frames((Frame(data),), source, now)
 
     def receive_frames(self, frames, source, host, reader):
         """
@@ -265,10 +265,10 @@ class SyslogBridge:
 
     def _accept_frames(self, frames, source, now):
         """
-        Accept C{frames} up to the spool's hard bounds, as L{_accept} does
-        one by one, in one loop: the spool level, the counters and the
-        lookups stay in locals for the whole read (the level is written
-        back before anything outside the bridge can look at it).
+        Parse, route and spool C{frames} up to the spool's hard bounds, in
+        one loop: the spool level, the counters and the lookups stay in
+        locals for the whole read (the level is written back before anything
+        outside the bridge can look at it).
         """
         counters = self.counters
         route = self.router.route
@@ -312,38 +312,6 @@ class SyslogBridge:
                     self._pause()
         finally:
             self.spooled_events, self.spooled_bytes = events, size
-
-    def _accept(self, data, source, truncated, now):
-        # The hot path: one call per message, so counters are updated inline.
-        msg = parse(data, source, now, self.max_size, self.local_tz, truncated)
-        counters = self.counters
-        counters[_FORMAT_COUNTERS[msg.format]] += 1
-        if msg.truncated:
-            counters["truncated"] += 1
-        if msg.reason is not None:
-            prefix = "malformed:" if msg.format == UNPARSED else "lenient:"
-            for reason in msg.reasons:
-                counters[prefix + reason] += 1
-        channel, urgency = self.router.route(msg)
-        if channel is None:
-            counters["dropped-malformed"] += 1
-            return
-        levels = self.urgency_levels.get(channel)
-        if levels is not None and urgency >= levels:
-            urgency = levels - 1
-        content = msg.to_json_bytes()
-        self.spooled_events += 1
-        self.spooled_bytes += len(content)
-        counters["accepted"] += 1
-        key = (channel, urgency)
-        pending = self._pending.get(key)
-        if pending is None:
-            pending = self._pending[key] = []
-        pending.append(content)
-        if not self.paused and (
-            self.spooled_events >= self.high_events or self.spooled_bytes >= self.high_bytes
-        ):
-            self._pause()
 
     # Output.
 
