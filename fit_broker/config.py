@@ -59,6 +59,7 @@ class ClusterConfig:
         relative to its folder.
     @ivar max_clock_skew: how far in the future a publisher's timestamp may
         be, in seconds, before replicas refuse its events.
+    @ivar admins: clients that may see the whole status of the cluster.
     """
 
     path: str
@@ -73,6 +74,7 @@ class ClusterConfig:
     max_clock_skew: float = 300.0
     keys_dir: str | None = None
     tls: bool = False
+    admins: frozenset = frozenset()
 
     @property
     def folder(self):
@@ -105,6 +107,12 @@ class ClusterConfig:
                 f"channel {tag!r} (control table in {self.path})",
             )
         return spec
+
+    def is_admin(self, client):
+        """
+        Whether C{client} may see the whole status (named in C{admins}).
+        """
+        return client in self.admins
 
     def acks_needed(self, tag):
         mode = QOP_MODES[self.channels[tag].qop]
@@ -163,7 +171,7 @@ def _names(reader, key):
 
 def _load_class(reader, name):
     reader.unknown_keys(
-        {"urgency_levels", "ordering", "capacity", "ttl", "overflow"}
+        {"urgency_levels", "ordering", "capacity", "ttl", "overflow", "max_bytes"}
     )
     levels = reader.get("urgency_levels", int, "an integer from 1 to 16", 4)
     if not 1 <= levels <= 16:
@@ -180,7 +188,10 @@ def _load_class(reader, name):
     overflow = reader.get("overflow", str, "'drop-oldest' or 'drop-newest'", "drop-oldest")
     if overflow not in OVERFLOW_POLICIES:
         reader.fail("overflow", f"'drop-oldest' or 'drop-newest', found {overflow!r}")
-    return QoSClass(name, levels, ordering, capacity, ttl, overflow)
+    max_bytes = reader.get("max_bytes", int, "a positive number of bytes", 16 * 1024 * 1024)
+    if max_bytes < 1:
+        reader.fail("max_bytes", f"a positive number of bytes, found {max_bytes}")
+    return QoSClass(name, levels, ordering, capacity, ttl, overflow, max_bytes=max_bytes)
 
 
 def parse_config(path, data):
@@ -191,7 +202,8 @@ def parse_config(path, data):
     top.unknown_keys({"cluster", "replicas", "clients", "classes", "channels"})
     cluster = top.sub("cluster")
     cluster.unknown_keys(
-        {"name", "faults", "default_client", "plugin_folders", "max_clock_skew", "keys_dir", "tls"}
+        {"name", "faults", "default_client", "plugin_folders", "max_clock_skew", "keys_dir", "tls",
+         "admins"}
     )
     name = cluster.get("name", str, "the cluster's name", "fitbroker")
     faults = cluster.get("faults", int, "the number of faulty replicas tolerated (f)", 1)
@@ -221,6 +233,10 @@ def parse_config(path, data):
     default_client = cluster.get("default_client", str, "a client name", None)
     if default_client is not None and default_client not in clients:
         cluster.fail("default_client", f"a client of [clients], found {default_client!r}")
+
+    admins = _names(cluster, "admins")
+    for admin in sorted(admins - clients):
+        cluster.fail("admins", f"clients of [clients], found {admin!r}")
 
     classes_table = top.sub("classes")
     classes = {"default": QoSClass("default")}
@@ -290,6 +306,7 @@ def parse_config(path, data):
         max_clock_skew=cluster.get("max_clock_skew", float, "seconds", 300.0),
         keys_dir=os.path.join(folder, keys_dir) if keys_dir else None,
         tls=cluster.get("tls", bool, "true or false", False),
+        admins=admins,
     )
 
 

@@ -52,16 +52,24 @@ def _quote_list(names):
     return "[" + ", ".join(f'"{name}"' for name in names) + "]"
 
 
-def cluster_toml(name, faults, replica_ports, clients, channels, keys_dir=".", tls=True, heading=""):
+def cluster_toml(
+    name, faults, replica_ports, clients, channels, keys_dir=".", tls=True, heading="", admins=None,
+):
     """
     Return the text of a cluster file.
+
+    @param admins: the clients that may see the whole status; by default the
+        first client, the one the command line acts as.
     """
+    if admins is None:
+        admins = clients[:1]
     lines = [heading.rstrip(), ""] if heading else []
     lines += [
         "[cluster]",
         f'name = "{name}"',
         f"faults = {faults}",
         f'default_client = "{clients[0]}"',
+        f"admins = {_quote_list(admins)}",
         f'keys_dir = "{keys_dir}"',
         f"tls = {'true' if tls else 'false'}",
         "",

@@ -21,6 +21,9 @@ class QoSClass:
         overflow policy discards (and counts) one event per new one.
     @ivar ttl: the longest life an event may have, in seconds, and the one
         publishers give events unless they ask for less.
+    @ivar max_bytes: the most bytes (payload and proof) each subscriber's
+        queue on a replica holds, so large events cannot exhaust memory
+        within C{capacity}; the overflow policy applies when it is reached.
     """
 
     name: str
@@ -29,6 +32,7 @@ class QoSClass:
     capacity: int = 10_000
     ttl: float = 300.0
     overflow: str = "drop-oldest"
+    max_bytes: int = 16 * 1024 * 1024
 
     def effective_ttl(self, requested):
         if requested <= 0 or requested > self.ttl:

@@ -2,6 +2,8 @@
 Configuration files: valid ones load, every mistake names the file, key and expectation.
 """
 
+import tomllib
+
 import pytest
 
 from fit_broker.config import load_config
@@ -108,3 +110,69 @@ def test_bft_needs_three_f_plus_one(tmp_path):
     text = GOOD.replace('class = "fast"', 'class = "fast"\nqop = "bft"')
     with pytest.raises(ConfigError, match=r"\[channels\[0\].qop\]: .*n >= 3f\+1 = 4 replicas to tolerate 1.*has 2"):
         load_config(write(tmp_path, text))
+
+
+def test_admins_and_max_bytes_defaults(tmp_path):
+    """Without the keys nobody is an admin and every class queues at most 16 MiB per subscriber."""
+    config = load_config(write(tmp_path, GOOD))
+    assert config.admins == frozenset()
+    assert not config.is_admin("probe")
+    assert config.channels["events"].qos.max_bytes == 16 * 1024 * 1024
+    assert config.classes["default"].max_bytes == 16 * 1024 * 1024
+
+
+def test_admins_and_max_bytes_load(tmp_path):
+    """Named admins are admins, other clients are not, and a class's max_bytes is kept."""
+    text = GOOD.replace('default_client = "probe"', 'default_client = "probe"\nadmins = ["console"]')
+    text = text.replace("ttl = 10", "ttl = 10\nmax_bytes = 4096")
+    config = load_config(write(tmp_path, text))
+    assert config.admins == frozenset({"console"})
+    assert config.is_admin("console") and not config.is_admin("probe")
+    assert config.channels["events"].qos.max_bytes == 4096
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ('default_client = "probe"', 'admins = ["ghost"]', r"\[cluster.admins\]: expected clients of \[clients\], found 'ghost'"),
+        ('default_client = "probe"', 'admins = ["*"]', r"\[cluster.admins\]: expected clients of \[clients\], found '\*'"),
+        ('default_client = "probe"', 'admins = "probe"', r"\[cluster.admins\]: expected a list of client names"),
+        ('default_client = "probe"', 'admins = [1]', r"\[cluster.admins\]: expected a list of client names"),
+        ('ttl = 10', 'max_bytes = 0', r"\[classes.fast.max_bytes\]: expected a positive number of bytes, found 0"),
+        ('ttl = 10', 'max_bytes = -5', r"\[classes.fast.max_bytes\]: expected a positive number of bytes, found -5"),
+        ('ttl = 10', 'max_bytes = "16M"', r"\[classes.fast.max_bytes\]: expected a positive number of bytes, found '16M'"),
+        ('ttl = 10', 'max_bytes = 1.5', r"\[classes.fast.max_bytes\]: expected a positive number of bytes, found 1.5"),
+        ('ttl = 10', 'max_bytes = true', r"\[classes.fast.max_bytes\]: expected a positive number of bytes, found True"),
+    ],
+)
+def test_admins_and_max_bytes_mistakes(tmp_path, old, new, message):
+    """An unknown admin or a bad max_bytes raises ConfigError naming the file and the key."""
+    path = write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(path)
+
+
+def test_init_names_first_client_admin(tmp_path):
+    """The cluster file init writes makes its first (default) client the only admin, unless told otherwise."""
+    from fit_broker.config import parse_config
+    from fit_broker.init import cluster_toml, sample_channels
+
+    clients = ["local", "probe"]
+    channels = sample_channels(clients)
+    text = cluster_toml("t", 1, range(7400, 7404), clients, channels)
+    config = parse_config("cluster.toml", tomllib.loads(text))
+    assert config.default_client == "local"
+    assert config.admins == frozenset({"local"})
+    text = cluster_toml("t", 1, range(7400, 7404), clients, channels, admins=clients)
+    assert parse_config("cluster.toml", tomllib.loads(text)).admins == frozenset(clients)
+
+
+def test_readme_sample_keys_load(tmp_path):
+    """The README's [cluster] and [classes.standard] sample with admins and max_bytes is accepted."""
+    readme = open("README.md").read()
+    sample = readme.split("### The configuration", 1)[1].split("```toml", 1)[1].split("[[channels]]", 1)[0]
+    sample = sample.replace("[clients.probe]", "[clients.probe]\n[clients.local]\n[clients.console]")
+    config = load_config(write(tmp_path, sample))
+    assert config.is_admin("local")
+    assert config.classes["standard"].max_bytes == 16777216
