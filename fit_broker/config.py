@@ -23,11 +23,14 @@ class ReplicaSpec:
     """
     @ivar listen: the server endpoint string the replica listens on.
     @ivar connect: the client endpoint string clients reach it with.
+    @ivar metrics: the server endpoint string its Prometheus metrics are
+        served on, or C{None} for none.
     """
 
     index: int
     listen: str
     connect: str
+    metrics: str | None = None
 
 
 @attrs.frozen
@@ -216,12 +219,15 @@ def parse_config(path, data):
     replicas = []
     for index in range(len(replicas_data)):
         r = top.sub("replicas", index)
-        r.unknown_keys({"listen", "connect"})
+        r.unknown_keys({"listen", "connect", "metrics"})
         replicas.append(
             ReplicaSpec(
                 index,
                 r.get("listen", str, "a server endpoint string like 'tcp:7400:interface=127.0.0.1'"),
                 r.get("connect", str, "a client endpoint string like 'tcp:127.0.0.1:7400'"),
+                r.get(
+                    "metrics", str, "a server endpoint string like 'tcp:9400:interface=127.0.0.1'", None
+                ),
             )
         )
 

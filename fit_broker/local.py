@@ -15,6 +15,9 @@ from fit_broker.schemes.registry import scheme_lookup
 
 LOCAL_FOLDER = "fitbroker-local"
 FIRST_PORT = 7410
+#: Replica i of the embedded cluster serves Prometheus metrics on
+#: 127.0.0.1 port METRICS_FIRST_PORT + i.
+METRICS_FIRST_PORT = 9410
 REPLICAS = 4
 CLIENTS = ("local", "probe", "console")
 SYSLOG_CLIENT = "syslog"
@@ -72,9 +75,15 @@ class _Greeting(Service):
         )
 
 
-def make_local_cluster(reactor, folder=LOCAL_FOLDER, first_port=FIRST_PORT, syslog=True):
+def make_local_cluster(
+    reactor, folder=LOCAL_FOLDER, first_port=FIRST_PORT, syslog=True,
+    metrics_port=METRICS_FIRST_PORT,
+):
     """
     Return a service running the whole embedded cluster.
+
+    @param metrics_port: replica i serves metrics on 127.0.0.1 port
+        C{metrics_port + i}; C{None} serves none.
     """
     path = write_local_config(folder, first_port)
     config = load_config(path)
@@ -82,8 +91,12 @@ def make_local_cluster(reactor, folder=LOCAL_FOLDER, first_port=FIRST_PORT, sysl
     top = MultiService()
     for index in range(len(config.replicas)):
         keys, tls_options, identify = replica_credentials(config, index)
+        metrics = None
+        if metrics_port is not None:
+            metrics = f"tcp:{metrics_port + index}:interface=127.0.0.1"
         make_replica_service(
-            config, index, reactor, schemes, keys, identify=identify, tls_options=tls_options
+            config, index, reactor, schemes, keys, identify=identify, tls_options=tls_options,
+            metrics=metrics,
         ).setServiceParent(top)
     extra = ""
     if syslog:

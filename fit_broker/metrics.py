@@ -177,6 +177,20 @@ class _SnapshotCollector:
         return box[0]
 
 
+class _ReactorThreads:
+    """
+    The reactor's thread pool as L{WSGIResource} uses it, looked up at the
+    first scrape: a service tree can be built (and tested) on a reactor
+    without threads.
+    """
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+
+    def callInThread(self, f, *args, **kwargs):
+        self.reactor.callInThread(f, *args, **kwargs)
+
+
 def metrics_resource(reactor, collect):
     """
     Return a web resource whose child C{metrics} serves the families that
@@ -186,7 +200,7 @@ def metrics_resource(reactor, collect):
     registry.register(_SnapshotCollector(reactor, collect))
     root = Resource()
     root.putChild(
-        b"metrics", WSGIResource(reactor, reactor.getThreadPool(), make_wsgi_app(registry))
+        b"metrics", WSGIResource(reactor, _ReactorThreads(reactor), make_wsgi_app(registry))
     )
     return root
 
@@ -212,3 +226,56 @@ def metrics_service(endpoint, reactor, collect):
     service = MustListen(listening, site)
     service.setName(f"metrics {endpoint}")
     return service
+
+
+def replica_families(replica):
+    """
+    Return the metric families of a L{fit_broker.replica.service.Replica}:
+    its status snapshot's counters and queue levels, the links (client
+    connections) open, its start time and uptime, all labelled with the
+    replica's index.
+    """
+    snapshot = dict(replica.snapshot())
+    started = snapshot.pop("started", None)
+    now = snapshot.pop("now", None)
+    labels = {"replica": str(replica.index)}
+    families = counter_families("fitbroker_replica", snapshot, labels)
+    links = GaugeMetricFamily(
+        "fitbroker_replica_links_up",
+        "client connections open at this replica",
+        labels=["replica"],
+    )
+    links.add_metric([labels["replica"]], len(getattr(replica, "connections", ())))
+    families.append(links)
+    if isinstance(started, (int, float)) and isinstance(now, (int, float)):
+        start = GaugeMetricFamily(
+            "fitbroker_replica_start_time_seconds",
+            "when the replica started, in seconds since the epoch by its clock",
+            labels=["replica"],
+        )
+        start.add_metric([labels["replica"]], started)
+        uptime = GaugeMetricFamily(
+            "fitbroker_replica_uptime_seconds", "seconds since the replica started", labels=["replica"]
+        )
+        uptime.add_metric([labels["replica"]], max(0.0, now - started))
+        families += [start, uptime]
+    return families
+
+
+def syslog_families(adapter):
+    """
+    Return the metric families of a running syslog adapter
+    (L{fit_broker.syslog.service.SyslogAdapter}): the bridge's counters,
+    spool level and the replicas it is linked to.
+    """
+    families = counter_families("fitbroker_syslog", adapter.counter_log.snapshot())
+    links = GaugeMetricFamily(
+        "fitbroker_syslog_links_up", "replicas the adapter's publishing session is linked to"
+    )
+    session = adapter.session
+    links.add_metric([], len(session.proxy.links) if session is not None else 0)
+    families.append(links)
+    replicas = GaugeMetricFamily("fitbroker_syslog_replicas", "replicas in the cluster")
+    replicas.add_metric([], len(adapter.cluster.replicas))
+    families.append(replicas)
+    return families

@@ -11,6 +11,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from fit_broker import units
 from fit_broker.broker.service import BrokerService
 from fit_broker.listening import MustListen
+from fit_broker.metrics import metrics_service, replica_families
 from fit_broker.errors import Status
 from fit_broker.units import Reply
 from fit_broker.replica.protocol import ReplicaFactory
@@ -38,6 +39,7 @@ class Replica:
         self.keys = keys
         self.identify = identify
         self.max_frame = DEFAULT_MAX_FRAME
+        self.started = clock.seconds()
         self.broker = BrokerService(config, schemes, keys, replica_index=index)
         self.broker.on_ready = self._ready
         self.streams = {}
@@ -119,11 +121,17 @@ class Replica:
         self.broker.expire(self.clock.seconds())
 
     def snapshot(self):
-        return {"connections": dict(self.counters), **self.broker.snapshot()}
+        return {
+            "connections": dict(self.counters),
+            **self.broker.snapshot(),
+            "started": self.started,
+            "now": self.clock.seconds(),
+        }
 
 
 def make_replica_service(
-    config, index, reactor, schemes, keys=None, endpoint=None, identify=None, tls_options=None
+    config, index, reactor, schemes, keys=None, endpoint=None, identify=None, tls_options=None,
+    metrics=None,
 ):
     """
     Return a service running replica C{index} of C{config}.
@@ -131,6 +139,8 @@ def make_replica_service(
     @param endpoint: a server endpoint to use instead of the configured one.
     @param tls_options: when given, every connection runs mutual TLS with
         them, and C{identify} reads the client's name from its certificate.
+    @param metrics: a server endpoint string to serve Prometheus metrics
+        on instead of the configured one (C{[[replicas]] metrics}).
     """
     replica = Replica(config, index, reactor, schemes, keys, identify)
     top = MultiService()
@@ -145,5 +155,8 @@ def make_replica_service(
     expiry = TimerService(EXPIRY_INTERVAL, replica.expire)
     expiry.clock = reactor
     expiry.setServiceParent(top)
+    metrics = metrics or config.replicas[index].metrics
+    if metrics is not None:
+        metrics_service(metrics, reactor, lambda: replica_families(replica)).setServiceParent(top)
     top.replica = replica
     return top

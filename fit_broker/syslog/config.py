@@ -40,6 +40,7 @@ _TOP_KEYS = frozenset(
         "routing",
         "spool",
         "rate_limit",
+        "metrics",
     }
 )
 _LISTENER_KEYS = frozenset(
@@ -131,6 +132,8 @@ class SyslogSettings:
         being dropped there; 0 keeps the system default.
     @ivar idle_timeout: seconds after which a silent connection is closed;
         0 keeps connections open forever, as senders expect.
+    @ivar metrics: the server endpoint string Prometheus metrics are
+        served on, or C{None} for none.
     @ivar path: the file these came from, for messages.
     """
 
@@ -146,6 +149,7 @@ class SyslogSettings:
     stats_interval: float = 60.0
     batch_size: int = 500
     udp_receive_buffer: int = 4 * 1024 * 1024
+    metrics: str | None = None
     path: str = "<syslog settings>"
 
     def router(self):
@@ -403,6 +407,9 @@ def parse_settings(path, data):
         stats_interval=top.number("stats_interval", float, 60.0, 0.0, low_open=True),
         batch_size=top.number("batch_size", int, 500, 1, 10_000),
         udp_receive_buffer=top.number("udp_receive_buffer", int, 4 * 1024 * 1024, 0),
+        metrics=top.get(
+            "metrics", str, "a server endpoint string like 'tcp:9409:interface=127.0.0.1'", None
+        ),
         path=path,
     )
 

@@ -29,6 +29,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from fit_broker.credentials import client_credentials
 from fit_broker.errors import ConfigError
 from fit_broker.listening import MustListen
+from fit_broker.metrics import metrics_service, syslog_families
 from fit_broker.schemes.registry import scheme_lookup
 from fit_broker.syslog.bridge import SyslogBridge
 from fit_broker.syslog.config import (
@@ -383,6 +384,10 @@ def make_syslog_service(cluster_config, syslog_settings, reactor, keys=None):
     stats = TimerService(settings.stats_interval, adapter.counter_log)
     stats.clock = reactor
     stats.setServiceParent(top)
+    if settings.metrics is not None:
+        metrics_service(
+            settings.metrics, reactor, lambda: syslog_families(adapter)
+        ).setServiceParent(top)
     top.bridge = bridge
     top.adapter = adapter
     return top
