@@ -5,6 +5,7 @@ C{fitbroker}: the operator's command line.
 import argparse
 import base64
 import json
+import math
 import os
 import sys
 
@@ -56,8 +57,17 @@ def _parser():
     tail.add_argument("channels", nargs="+", metavar="CHANNEL")
     tail.set_defaults(run=_tail)
 
-    status = commands.add_parser("status", help="print each replica's counters as JSON")
+    status = commands.add_parser(
+        "status",
+        help="show each replica: up or down, uptime, clock offset, and per channel "
+        "events in, out, waiting and discarded",
+        description="Ask every replica for its status and print a table (columns in "
+        "docs/status.md), or each replica's counters as JSON with --json.",
+    )
     common(status)
+    status.add_argument(
+        "--json", action="store_true", help="print each replica's counters as JSON instead"
+    )
     status.set_defaults(run=_status)
 
     init = commands.add_parser(
@@ -252,30 +262,156 @@ async def _tail(reactor, args):
         session.stop()
 
 
+#: Seconds `status` waits for the replicas that are not linked yet.
+STATUS_LINK_WAIT = 2.0
+
+
+def replica_status(info, sent=None, received=None):
+    """
+    Return what the status table shows of one replica's status reply: its
+    C{info}, or C{None} when it did not answer.
+
+    The clock offset is the replica's clock less ours at the moment it
+    answered, taken as halfway through the round trip from C{sent} to
+    C{received} (our clock), so it is known to within half that round trip.
+    """
+    if not isinstance(info, dict):
+        return {"up": False}
+    row = {"up": True, "error": info.get("error")}
+    now, started = info.get("now"), info.get("started")
+    if _number(now) and _number(started):
+        row["uptime"] = max(0.0, now - started)
+    if _number(now) and _number(sent) and _number(received):
+        row["offset"] = now - (sent + received) / 2
+        row["round_trip"] = received - sent
+    channels = {}
+    for tag, channel in sorted((info.get("channels") or {}).items()):
+        if not isinstance(channel, dict):
+            continue
+        counters = channel.get("counters") or {}
+        queues = [q for q in (channel.get("subscribers") or {}).values() if isinstance(q, dict)]
+
+        def total(key):
+            return sum(q.get(key, 0) for q in queues if _number(q.get(key, 0)))
+
+        channels[tag] = {
+            "in": counters.get("accepted", 0),
+            "out": total("delivered"),
+            "waiting": total("waiting"),
+            "discards": total("expired") + total("overflowed")
+            + counters.get("expired-on-arrival", 0),
+        }
+    row["channels"] = channels
+    return row
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _duration(seconds):
+    seconds = int(seconds)
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{seconds:02d}s"
+    return f"{seconds}s"
+
+
+def _columns(rows):
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows
+    ]
+
+
+def status_table(statuses):
+    """
+    Return the text of the status table for C{statuses}, replica name ->
+    L{replica_status}: one line per replica, then one per channel and
+    replica that answered.
+    """
+    replicas = [("REPLICA", "STATE", "UPTIME", "CLOCK OFFSET", "ROUND TRIP")]
+    channels = [("CHANNEL", "REPLICA", "IN", "OUT", "WAITING", "DISCARDS")]
+    for name, row in statuses.items():
+        if not row["up"]:
+            replicas.append((name, "down", "-", "-", "-"))
+            continue
+        state = f"refused: {row['error']}" if row.get("error") else "up"
+        replicas.append(
+            (
+                name,
+                state,
+                _duration(row["uptime"]) if "uptime" in row else "?",
+                f"{row['offset']:+.3f} s" if "offset" in row else "?",
+                f"{row['round_trip'] * 1000:.0f} ms" if "round_trip" in row else "?",
+            )
+        )
+        for tag, counts in row["channels"].items():
+            channels.append(
+                (tag, name, *(str(counts[k]) for k in ("in", "out", "waiting", "discards")))
+            )
+    lines = _columns(replicas)
+    if len(channels) > 1:
+        lines += [""] + _columns(channels)
+    return "\n".join(lines)
+
+
 async def _status(reactor, args):
     from fit_broker import units
+    from fit_broker.client.session import open_session
     from fit_broker.units import Request
 
     config, client = _load(args)
-    session = await _connect(reactor, config, client)
+    session = open_session(config, client, reactor)
     proxy = session.proxy
-    replies = {f"replica-{index}": "unreachable" for index in range(len(config.replicas))}
+    names = [f"replica-{index}" for index in range(len(config.replicas))]
+    replies = dict.fromkeys(names, "unreachable")
+    answered = {}
+    sent = None
     try:
         try:
-            await proxy.wait_for_links(len(config.replicas), 2.0)
+            await proxy.wait_for_links(1, CONNECT_TIMEOUT)
+        except FitBrokerError as e:
+            raise CommandError(f"cannot reach the cluster: {e}") from None
+        try:
+            await proxy.wait_for_links(len(config.replicas), STATUS_LINK_WAIT)
         except FitBrokerError:
             pass
-        request = Request(proxy.next_seq(), units.STATUS)
-        await proxy.invoke(
-            request,
-            len(proxy.links),
-            timeout=CONNECT_TIMEOUT,
-            retry=False,
-            observe=lambda index, reply: replies.__setitem__(f"replica-{index}", reply.info),
-        )
+
+        def observe(index, reply):
+            answered[index] = reactor.seconds()
+            if reply.ok:
+                replies[f"replica-{index}"] = reply.info
+            else:
+                replies[f"replica-{index}"] = {"error": f"{reply.status}: {reply.text}"}
+
+        sent = reactor.seconds()
+        try:
+            await proxy.invoke(
+                Request(proxy.next_seq(), units.STATUS),
+                len(proxy.links),
+                timeout=CONNECT_TIMEOUT,
+                retry=False,
+                observe=observe,
+            )
+        except FitBrokerError:
+            pass
     finally:
         session.stop()
-    print(json.dumps(replies, indent=2, sort_keys=True))
+    if args.json:
+        print(json.dumps(replies, indent=2, sort_keys=True))
+        return
+    statuses = {
+        f"replica-{index}": replica_status(replies[name], sent, answered.get(index))
+        for index, name in enumerate(names)
+    }
+    print(status_table(statuses))
 
 
 async def _init(reactor, args):

@@ -71,8 +71,8 @@ def test_publish_then_tail(cluster):
 
 
 def test_status(cluster):
-    """status prints every reachable replica's counters."""
-    result = fitbroker("status", "--config", cluster.config_path)
+    """status --json prints every reachable replica's counters."""
+    result = fitbroker("status", "--json", "--config", cluster.config_path)
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert sorted(info) == [f"replica-{i}" for i in range(4)]

@@ -110,7 +110,7 @@ def test_client_of_another_ca_is_refused(cluster, tmp_path):
     assert result.returncode != 0
     assert "cannot reach the cluster" in result.stderr.decode()
     assert "Traceback" not in result.stderr.decode()
-    status = cli("status", "--config", cluster.config_path)
+    status = cli("status", "--json", "--config", cluster.config_path)
     assert status.returncode == 0, status.stderr
     replicas = json.loads(status.stdout).values()
     assert all(r["connections"].get("closed-before-hello", 0) >= 1 for r in replicas), list(replicas)
