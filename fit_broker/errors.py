@@ -62,3 +62,4 @@ class Status:
     NOT_SUBSCRIBED = "not-subscribed"
     AUTH_FAILED = "auth-failed"
     QUEUE_FULL = "queue-full"
+    BUSY = "busy"

@@ -29,6 +29,7 @@ class IQoSClass(Interface):
     urgency_levels = Attribute("Number of urgency levels; 0 is the least urgent.")
     ordering = Attribute("Name of the ordering protocol: 'none', 'channel' or 'global'.")
     capacity = Attribute("Events each subscriber's output queue holds at most.")
+    max_bytes = Attribute("Bytes (payload and proof) each subscriber's output queue holds at most.")
     ttl = Attribute("Default and maximum time to live of an event, in seconds.")
     overflow = Attribute("'drop-oldest' or 'drop-newest': what a full queue discards.")
 

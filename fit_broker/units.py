@@ -69,9 +69,11 @@ UNSUBSCRIBE = "unsubscribe"
 PUBLISH = "publish"
 RECEIVE = "receive"
 CREDIT = "credit"
+ACK = "ack"
+FETCH = "fetch"
 STATUS = "status"
 METHODS = frozenset(
-    {HELLO, REGISTER, UNREGISTER, SUBSCRIBE, UNSUBSCRIBE, PUBLISH, RECEIVE, CREDIT, STATUS}
+    {HELLO, REGISTER, UNREGISTER, SUBSCRIBE, UNSUBSCRIBE, PUBLISH, RECEIVE, CREDIT, ACK, FETCH, STATUS}
 )
 
 
@@ -144,6 +146,24 @@ def credit_cost(batch):
     for a digest copy.  Replicas and subscribers must count alike.
     """
     return payload_count(batch[5]) or 1
+
+
+# The most flow-control credit a subscriber may give one replica on one
+# channel: replicas cap it there, and subscribers never give more, so both
+# count the same.  It bounds what a replica holds sent and unacknowledged.
+MAX_CREDIT_EVENTS = 65_536
+MAX_CREDIT_BYTES = 16 * 1024 * 1024
+
+# Bytes a batch is charged beyond its payload and proof: header, tuple, entry.
+BATCH_OVERHEAD = 64
+
+
+def batch_bytes(batch):
+    """
+    Return the bytes a wire batch is charged in queue bounds, byte credits
+    and voter bounds.  Replicas and subscribers must count alike.
+    """
+    return len(batch[5]) + len(batch[6]) + BATCH_OVERHEAD
 
 
 def batch_digest(batch):

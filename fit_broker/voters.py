@@ -2,29 +2,147 @@
 Voters: how a subscriber combines the copies of batches that replicas send it.
 
 Every voter remembers what it delivered (L{RecentIds}, keyed by the batch's
-publisher and first event id), so nothing is delivered twice, and checks the
-TTL itself, so a replica with a wrong clock cannot make it deliver an
-expired event (a deadline that is not a number counts as passed).  Copies are compared whole, payload and proof included, and
-only decided batches are ever decoded.
+publisher and first event id, and given by the subscriber so that it can
+outlive the process), so nothing is delivered twice; refuses a batch whose
+id range overlaps a different delivered batch of its publisher; and checks
+the TTL itself, capped at the channel class's, so a replica with a wrong
+clock cannot make it deliver an expired event nor hold a copy for longer
+than the class allows (a deadline that is not a number counts as passed).
+Copies are compared whole, payload and proof included, and only decided
+batches are ever decoded.
+
+Voters never turn slowness into loss.  A copy they are done with (decided,
+refused, or evicted) is reported through L{release}, and the subscriber
+returns that replica's flow-control credit only then: a replica whose copies
+wait for slower ones is paused, not dropped.
 """
 
 from zope.interface import implementer
 
-from fit_broker.dedup import RecentIds
+from fit_broker.dedup import IdRanges, RecentIds
 from fit_broker.interfaces import IVoter
-from fit_broker.units import batch_digest
+from fit_broker.units import batch_bytes, batch_digest, credit_cost
 
 DEFAULT_WINDOW = 16_384
 DEFAULT_MAX_PENDING = 20_000
+DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
+# No publisher's share of pending batches is smaller than this.
+MIN_PUBLISHER_SHARE = 256
+# Keys of evicted batches remembered, so that a later copy asks for the rest again.
+EVICTED_WINDOW = 65_536
+# Seconds to wait for a designated replica's full copy once f+1 digests agree,
+# and between two fetches of one batch.
+FETCH_DELAY = 0.25
+REFETCH_INTERVAL = 2.0
+# Batches being fetched at once, at most.
+MAX_WANTED = 4096
 
 
 class _Voter:
-    def __init__(self, window):
-        self._decided = RecentIds(window)
+    """
+    What every voter shares: the memory of delivered batches, id-range
+    checks, TTL caps and the credit each replica's copies hold.
+    """
+
+    def __init__(self, window=DEFAULT_WINDOW, memory=None, max_ttl=None, max_clock_skew=300.0):
+        """
+        @param memory: a L{RecentIds} of what was delivered before (a
+            subscriber's delivery record), or C{None} to start empty.
+        @param max_ttl: the channel class's TTL: no copy counts as living
+            longer.
+        """
+        self._decided = memory if memory is not None else RecentIds(window)
+        self._ranges = {}
+        self._window = window
+        self.max_ttl = float("inf") if max_ttl is None else max_ttl
+        self.max_clock_skew = max_clock_skew
         self.counters = {"delivered": 0, "duplicate": 0, "stale": 0, "expired": 0}
+        self._released = {}
+        self._acks = []
 
     def count(self, reason, n=1):
         self.counters[reason] = self.counters.get(reason, 0) + n
+
+    def _deadline(self, batch, now):
+        """
+        The time after which C{batch} is dead here: its own deadline, its TTL
+        capped at the class's, and never later than a copy stamped now could
+        live.
+        """
+        return min(
+            batch[2] + min(batch[3], self.max_ttl),
+            now + self.max_ttl + self.max_clock_skew,
+        )
+
+    def _credit(self, replica, events, nbytes):
+        released = self._released.get(replica)
+        if released is None:
+            self._released[replica] = [events, nbytes]
+        else:
+            released[0] += events
+            released[1] += nbytes
+
+    def release(self):
+        """
+        Return C{{replica: (events, bytes)}}: the credit of the copies this
+        voter is done with since the last call.
+        """
+        released, self._released = self._released, {}
+        return {replica: tuple(value) for replica, value in released.items()}
+
+    def take_acks(self):
+        """
+        Return the keys of copies dropped because their batch was already
+        delivered, which the replicas should forget.
+        """
+        acks, self._acks = self._acks, []
+        return acks
+
+    def _screen(self, replica, batch, now):
+        """
+        Return C{None} when C{batch} may be voted on, else the reason it was
+        dropped (already counted).
+        """
+        key = (batch[0], batch[1])
+        decided = self._decided
+        if key in decided:
+            self.counters["duplicate"] += 1
+            self._acks.append(key)
+            return "duplicate"
+        if not self._deadline(batch, now) > now:
+            self.counters["expired"] += 1
+            return "expired"
+        if decided.is_stale(batch[0], batch[4], batch[1]):
+            self.counters["stale"] += 1
+            self._acks.append(key)
+            return "stale"
+        return None
+
+    def _conflicts(self, batch, count, digest):
+        ranges = self._ranges.get(batch[0])
+        return ranges is not None and ranges.check(batch[1], count, digest) == "conflict"
+
+    def _remember(self, batch, count, digest):
+        self._decided.add((batch[0], batch[1]), batch[4])
+        ranges = self._ranges.get(batch[0])
+        if ranges is None:
+            ranges = self._ranges[batch[0]] = IdRanges(self._window, floors=False)
+        if ranges.check(batch[1], count, digest) == "new":
+            ranges.add(batch[1], count, digest)
+
+    def offer_fetched(self, replica, batches, now):
+        """
+        Voters that decide on one copy fetch nothing.
+        """
+        return []
+
+    def wanted(self, now):
+        return []
+
+    def forget_replica(self, replica):
+        """
+        Nothing is pending in voters that decide on the first acceptable copy.
+        """
 
     def expire(self, now):
         """
@@ -41,27 +159,29 @@ class _FirstAcceptable(_Voter):
         return None
 
     def offer(self, replica, batches, now):
-        decided_ids = self._decided
-        counters = self.counters
         decided = []
+        events = nbytes = 0
         for batch in batches:
-            key = (batch[0], batch[1])
-            if key in decided_ids:
-                counters["duplicate"] += 1
-            elif not batch[5]:
+            events += credit_cost(batch)
+            nbytes += batch_bytes(batch)
+            if self._screen(replica, batch, now) is not None:
+                continue
+            if not batch[5]:
                 self.count("digest-only")
-            elif not batch[2] + batch[3] > now:
-                counters["expired"] += 1
-            elif decided_ids.is_stale(batch[0], batch[4], batch[1]):
-                counters["stale"] += 1
-            else:
-                reason = self._refusal(batch)
-                if reason is None:
-                    decided_ids.add(key, batch[4])
-                    decided.append(batch)
-                else:
-                    self.count(f"{reason}:replica-{replica}")
-        counters["delivered"] += len(decided)
+                continue
+            reason = self._refusal(batch)
+            if reason is not None:
+                self.count(f"{reason}:replica-{replica}")
+                continue
+            digest = batch_digest(batch)
+            count = credit_cost(batch)
+            if self._conflicts(batch, count, digest):
+                self.count(f"overlapping-ids:replica-{replica}")
+                continue
+            self._remember(batch, count, digest)
+            decided.append(batch)
+        self._credit(replica, events, nbytes)
+        self.counters["delivered"] += len(decided)
         return decided
 
 
@@ -75,12 +195,12 @@ class FirstCopyVoter(_FirstAcceptable):
 
     name = "first-copy"
 
-    def __init__(self, faults=0, window=DEFAULT_WINDOW, **context):
+    def __init__(self, faults=0, window=DEFAULT_WINDOW, memory=None, max_ttl=None, **context):
         """
         @param context: what other voters need (scheme, keys, channel,
             replicas) and this one does not.
         """
-        super().__init__(window)
+        super().__init__(window, memory, max_ttl)
 
 
 @implementer(IVoter)
@@ -92,8 +212,9 @@ class SignatureVoter(_FirstAcceptable):
 
     name = "signature"
 
-    def __init__(self, faults=0, window=DEFAULT_WINDOW, scheme=None, keys=None, channel="", **context):
-        super().__init__(window)
+    def __init__(self, faults=0, window=DEFAULT_WINDOW, scheme=None, keys=None, channel="",
+                 memory=None, max_ttl=None, **context):
+        super().__init__(window, memory, max_ttl)
         if scheme is None or not scheme.subscriber_verifiable:
             raise ValueError("the signature voter needs a subscriber-verifiable scheme")
         self._check = scheme.check_delivered
@@ -102,6 +223,30 @@ class SignatureVoter(_FirstAcceptable):
 
     def _refusal(self, batch):
         return self._check(self._keys, self._channel, batch)
+
+
+class _Pending:
+    """
+    The copies of one undecided batch.
+
+    @ivar votes: digest -> replicas that vouched for it.
+    @ivar fulls: digest -> a full copy with that digest.
+    @ivar costs: replica -> C{(events, bytes)} of credit its copy holds
+        (fetched copies hold none).
+    """
+
+    __slots__ = ("publisher", "votes", "fulls", "costs", "deadline", "size")
+
+    def __init__(self, publisher, deadline):
+        self.publisher = publisher
+        self.votes = {}
+        self.fulls = {}
+        self.costs = {}
+        self.deadline = deadline
+        self.size = 0
+
+    def voted(self, replica):
+        return replica in self.costs or any(replica in v for v in self.votes.values())
 
 
 @implementer(IVoter)
@@ -113,26 +258,43 @@ class MatchingCopiesVoter(_Voter):
     forgery alone, and a withheld copy is made up for by correct replicas.
 
     Replicas send full copies of a batch from f+1 designated replicas and
-    only digests from the others (PBFT's reply optimisation): at least one
-    designated replica is correct, so a full copy always arrives, and a
-    subscriber reads about half the bytes.
+    only digests from the others (PBFT's reply optimisation).  When f+1
+    digests agree and no full copy came (a designated replica lied, crashed
+    or is slow), L{wanted} names the batch and the replicas that vouched for
+    it, and the subscriber fetches it from them (L{offer_fetched}).
 
-    Pending batches are bounded: each replica may vouch for at most
-    C{max_pending // n} undecided batches, so a replica that floods bogus
-    batches fills only its own quota.  With a subscriber-verifiable scheme,
-    full copies that fail verification are refused before they count.
+    Pending memory is bounded in batches and bytes, shared fairly: each
+    publisher may hold at most its share of the undecided batches, so a
+    publisher that sends each replica different batches (none can ever be
+    decided) only pushes out its own; each replica's copies are bounded by
+    the credit the subscriber gave it.  An evicted batch is counted and its
+    key remembered: a later copy of it makes the subscriber ask every
+    replica for it again instead of leaving it one vote short.
     """
 
     name = "f-plus-one"
 
     def __init__(self, faults=1, window=DEFAULT_WINDOW, scheme=None, keys=None, channel="",
-                 replicas=None, max_pending=DEFAULT_MAX_PENDING):
-        super().__init__(window)
+                 replicas=None, max_pending=DEFAULT_MAX_PENDING,
+                 max_pending_bytes=DEFAULT_MAX_PENDING_BYTES, publishers=1, memory=None,
+                 max_ttl=None):
+        """
+        @param publishers: how many publishers the channel has, for their
+            fair shares of pending memory.
+        """
+        super().__init__(window, memory, max_ttl)
         self.needed = faults + 1
+        self.replicas = replicas or 3 * faults + 1
+        self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
+        publishers = max(1, publishers)
+        self.publisher_share = max(MIN_PUBLISHER_SHARE, max_pending // publishers)
+        self.publisher_share_bytes = max_pending_bytes // publishers
+        self.pending_bytes = 0
         self._pending = {}
-        self._owned = {}
-        replicas = replicas or 3 * faults + 1
-        self.quota = max(1, max_pending // replicas)
+        self._by_publisher = {}
+        self._evicted = {}
+        self._wanted = {}
         self._check = (
             scheme.check_delivered if scheme is not None and scheme.subscriber_verifiable else None
         )
@@ -144,98 +306,235 @@ class MatchingCopiesVoter(_Voter):
         return len(self._pending)
 
     def offer(self, replica, batches, now):
-        decided_ids = self._decided
-        pending = self._pending
-        owned = self._owned
-        needed = self.needed
-        counters = self.counters
-        check = self._check
+        decided = []
+        for batch in batches:
+            self._vote(replica, batch, now, decided, credited=True)
+        self.counters["delivered"] += len(decided)
+        return decided
+
+    def offer_fetched(self, replica, batches, now):
+        """
+        Take full copies replica C{replica} sent in answer to a fetch; only
+        batches that were asked for count.
+        """
         decided = []
         for batch in batches:
             key = (batch[0], batch[1])
-            if key in decided_ids:
-                counters["duplicate"] += 1
+            if key not in self._wanted or not batch[5]:
+                self.count("late-fetch" if key in self._decided else f"unasked:replica-{replica}")
                 continue
-            deadline = batch[2] + batch[3]
-            if not deadline > now:
-                counters["expired"] += 1
-                continue
-            if decided_ids.is_stale(batch[0], batch[4], batch[1]):
-                counters["stale"] += 1
-                continue
-            if batch[5]:
-                if check is not None:
-                    reason = check(self._keys, self._channel, batch)
-                    if reason is not None:
-                        self.count(f"{reason}:replica-{replica}")
-                        continue
-                digest = batch_digest(batch)
-                full = batch
-            else:
-                digest = batch[6]
-                if len(digest) != 32:
-                    self.count(f"malformed-digest:replica-{replica}")
-                    continue
-                full = None
-            entry = pending.get(key)
-            if entry is None:
-                if owned.get(replica, 0) >= self.quota:
-                    self.count(f"over-quota:replica-{replica}")
-                    continue
-                entry = pending[key] = [{}, {}, deadline]
-            else:
-                if any(replica in voters for voters in entry[0].values()):
-                    self.count(f"repeated:replica-{replica}")
-                    continue
-                if owned.get(replica, 0) >= self.quota:
-                    self.count(f"over-quota:replica-{replica}")
-                    continue
-                if deadline > entry[2]:
-                    entry[2] = deadline
-            voters = entry[0].get(digest)
-            if voters is None:
-                voters = entry[0][digest] = set()
-            voters.add(replica)
-            owned[replica] = owned.get(replica, 0) + 1
-            if full is not None and digest not in entry[1]:
-                entry[1][digest] = full
-            if len(voters) >= needed:
-                winner = entry[1].get(digest)
-                if winner is not None:
-                    self._decide(key, digest)
-                    if not winner[2] + winner[3] > now:
-                        counters["expired"] += 1
-                    else:
-                        decided.append(winner)
-        counters["delivered"] += len(decided)
+            self._vote(replica, batch, now, decided, credited=False)
+        self.counters["delivered"] += len(decided)
         return decided
 
-    def _decide(self, key, digest):
-        votes, fulls, _ = self._pending.pop(key)
-        owned = self._owned
-        for variant, voters in votes.items():
-            for replica in voters:
-                owned[replica] -= 1
-                if variant != digest:
-                    self.count(f"mismatch:replica-{replica}")
-        self._decided.add(key, fulls[digest][4])
+    def _vote(self, replica, batch, now, decided, credited):
+        events = credit_cost(batch) if credited else 0
+        nbytes = batch_bytes(batch)
+        if self._screen(replica, batch, now) is not None:
+            self._credit(replica, events, nbytes if credited else 0)
+            return
+        key = (batch[0], batch[1])
+        if batch[5]:
+            if self._check is not None:
+                reason = self._check(self._keys, self._channel, batch)
+                if reason is not None:
+                    self.count(f"{reason}:replica-{replica}")
+                    self._credit(replica, events, nbytes if credited else 0)
+                    return
+            digest = batch_digest(batch)
+            count = credit_cost(batch)
+            if self._conflicts(batch, count, digest):
+                self.count(f"overlapping-ids:replica-{replica}")
+                self._credit(replica, events, nbytes if credited else 0)
+                return
+            full = batch
+        else:
+            digest = batch[6]
+            if len(digest) != 32:
+                self.count(f"malformed-digest:replica-{replica}")
+                self._credit(replica, events, nbytes if credited else 0)
+                return
+            full = None
+        entry = self._pending.get(key)
+        if entry is None:
+            entry = self._open(key, batch[0], self._deadline(batch, now), now)
+        elif entry.voted(replica):
+            voters = entry.votes.get(digest)
+            if full is not None and voters is not None and replica in voters and digest not in entry.fulls:
+                # the full copy of a digest this replica vouched for: a fetch answered
+                entry.fulls[digest] = full
+                self._grow(entry, nbytes)
+                self._credit(replica, events, nbytes if credited else 0)
+                self._maybe_decide(key, entry, digest, now, decided)
+                return
+            self.count(f"repeated:replica-{replica}")
+            self._credit(replica, events, nbytes if credited else 0)
+            return
+        voters = entry.votes.get(digest)
+        if voters is None:
+            voters = entry.votes[digest] = []
+        voters.append(replica)
+        if credited:
+            entry.costs[replica] = (events, nbytes)
+        grown = nbytes if full is not None and digest not in entry.fulls else 64
+        if full is not None and digest not in entry.fulls:
+            entry.fulls[digest] = full
+        self._grow(entry, grown)
+        self._maybe_decide(key, entry, digest, now, decided)
+        self._bound(key)
+
+    def _open(self, key, publisher, deadline, now):
+        entry = self._pending[key] = _Pending(publisher, deadline)
+        share = self._by_publisher.get(publisher)
+        if share is None:
+            share = self._by_publisher[publisher] = [{}, 0]
+        share[0][key] = None
+        if self._evicted.pop(key, None) is not None:
+            # a copy of a batch evicted earlier: ask everyone for it again
+            self.count("refetched")
+            self._want(key, None, now, now)
+        return entry
+
+    def _grow(self, entry, nbytes):
+        entry.size += nbytes
+        self.pending_bytes += nbytes
+        self._by_publisher[entry.publisher][1] += nbytes
+
+    def _maybe_decide(self, key, entry, digest, now, decided):
+        voters = entry.votes[digest]
+        if len(voters) < self.needed:
+            return
+        winner = entry.fulls.get(digest)
+        if winner is None:
+            self._want(key, voters, now, now + FETCH_DELAY)
+            return
+        self._close(key, entry, winning=digest)
+        if not self._deadline(winner, now) > now:
+            self.counters["expired"] += 1
+            return
+        self._remember(winner, credit_cost(winner), digest)
+        decided.append(winner)
+
+    def _want(self, key, replicas, now, due):
+        wanted = self._wanted
+        if key in wanted:
+            return
+        if len(wanted) >= MAX_WANTED:
+            self.count("fetch-backlog")
+            return
+        wanted[key] = [due, list(replicas) if replicas is not None else None]
+
+    def wanted(self, now):
+        """
+        Return C{(key, replicas)} for each batch to fetch now: C{replicas}
+        are those that vouched for its digest, or C{None} for all.  A batch
+        still undecided is asked for again every L{REFETCH_INTERVAL}.
+        """
+        due = []
+        for key, want in self._wanted.items():
+            if want[0] <= now:
+                entry = self._pending.get(key)
+                if want[1] is not None and entry is not None:
+                    voters = [r for d, v in entry.votes.items() if len(v) >= self.needed for r in v]
+                    want[1] = voters or want[1]
+                due.append((key, want[1]))
+                want[0] = now + REFETCH_INTERVAL
+        return due
+
+    def _close(self, key, entry, winning=None, reason=None):
+        """
+        Forget pending C{entry}: its copies' credit goes back, its digests
+        that lost count as mismatches.
+        """
+        del self._pending[key]
+        self._wanted.pop(key, None)
+        share = self._by_publisher[entry.publisher]
+        del share[0][key]
+        share[1] -= entry.size
+        if not share[0]:
+            del self._by_publisher[entry.publisher]
+        self.pending_bytes -= entry.size
+        for replica, (events, nbytes) in entry.costs.items():
+            self._credit(replica, events, nbytes)
+        if winning is not None:
+            for variant, voters in entry.votes.items():
+                if variant != winning:
+                    for replica in voters:
+                        self.count(f"mismatch:replica-{replica}")
+        if reason is not None:
+            self.count(reason)
+
+    def _evict(self, key, reason):
+        entry = self._pending[key]
+        self._close(key, entry, reason=reason)
+        evicted = self._evicted
+        evicted[key] = entry.deadline
+        if len(evicted) > EVICTED_WINDOW:
+            del evicted[next(iter(evicted))]
+
+    def _bound(self, key):
+        """
+        Evict the oldest undecided batches of the publisher of C{key} while
+        it is over its share, then the oldest of all while the voter is over
+        its bounds.
+        """
+        entry = self._pending.get(key)
+        if entry is not None:
+            share = self._by_publisher[entry.publisher]
+            while len(share[0]) > self.publisher_share or (
+                share[1] > self.publisher_share_bytes and len(share[0]) > 1
+            ):
+                self._evict(next(iter(share[0])), "evicted:publisher-share")
+                share = self._by_publisher.get(entry.publisher)
+                if share is None:
+                    break
+        pending = self._pending
+        while pending and (
+            len(pending) > self.max_pending or self.pending_bytes > self.max_pending_bytes
+        ):
+            self._evict(next(iter(pending)), "evicted:full")
+
+    def forget_replica(self, replica):
+        """
+        Drop the copies of a replica whose link went down: it sends what the
+        subscriber did not acknowledge again when it is back.
+        """
+        for key, entry in list(self._pending.items()):
+            if not entry.voted(replica):
+                continue
+            entry.costs.pop(replica, None)
+            for digest, voters in list(entry.votes.items()):
+                if replica in voters:
+                    voters.remove(replica)
+                    if not voters:
+                        del entry.votes[digest]
+                        entry.fulls.pop(digest, None)
+            if not entry.votes:
+                self._close(key, entry)
+                continue
+            votes = sum(len(v) for v in entry.votes.values())
+            size = sum(map(batch_bytes, entry.fulls.values())) + 64 * max(0, votes - len(entry.fulls))
+            self._grow(entry, size - entry.size)
 
     def expire(self, now):
         """
-        Drop pending batches whose latest claimed deadline passed, counting each.
+        Drop pending batches whose deadline passed, counting each.
         """
-        owned = self._owned
-        for key, (votes, _, deadline) in list(self._pending.items()):
-            if not deadline > now:
-                del self._pending[key]
-                self.counters["expired"] += 1
-                for voters in votes.values():
-                    for replica in voters:
-                        owned[replica] -= 1
+        for key, entry in list(self._pending.items()):
+            if not entry.deadline > now:
+                self._close(key, entry, reason="expired")
+        evicted = self._evicted
+        for key in [k for k, deadline in evicted.items() if not deadline > now]:
+            del evicted[key]
 
     def lag(self):
         """
         Batches waiting on each replica's word: a withholding replica shows
         as the one never among them.
         """
-        return dict(self._owned)
+        lag = {}
+        for entry in self._pending.values():
+            for voters in entry.votes.values():
+                for replica in voters:
+                    lag[replica] = lag.get(replica, 0) + 1
+        return lag

@@ -80,7 +80,8 @@ def test_f_byzantine_replicas_change_nothing(scheme, behaviour):
     assert secret == [], "events of another channel were delivered"
     for session in (console, dashboard):
         voter = session.subscriber.voters["events"]
-        assert voter.pending <= voter.quota * 4
+        assert voter.pending <= voter.max_pending
+        assert voter.pending_bytes <= voter.max_pending_bytes
 
 
 def test_alteration_is_attributed():
@@ -107,8 +108,8 @@ def test_withholding_replica_shows_in_lag():
     assert sub.subscriber.voters["events"].lag().get(3, 0) == 0
 
 
-def test_flood_stays_within_quota():
-    """A flooding replica fills only its own quota of pending copies; the excess is counted."""
+def test_flood_stays_within_credit():
+    """A flooding replica holds at most the credit it was given of pending copies; the excess is dropped and counted."""
     net = bft_net(faulty={0: byzantine.flood(per_delivery=30_000)})
     pub, sub = net.client("probe"), net.client("console")
     got = subscribe(net, sub)
@@ -116,8 +117,8 @@ def test_flood_stays_within_quota():
     net.run(1)
     check_c0(got, published)
     voter = sub.subscriber.voters["events"]
-    assert voter.lag()[0] <= voter.quota
-    assert voter.counters.get("over-quota:replica-0", 0) > 0
+    assert voter.lag().get(0, 0) <= sub.subscriber.credit
+    assert sub.subscriber.counters.get("over-credit:replica-0", 0) > 0
 
 
 def test_forged_events_expire_from_the_voter():

@@ -130,7 +130,7 @@ def test_ttl_expiry_in_queue(broker):
 
 
 def test_resubscribe_without_resume_starts_afresh(broker):
-    """Subscribing again without resume discards what was queued, counted as reset; with resume, keeps it."""
+    """Subscribing again without resume discards what was queued, counted as skipped; with resume, keeps it."""
     subscribe(broker)
     publish(broker, [event(1)])
     subscribe(broker, resume=True)
@@ -138,7 +138,7 @@ def test_resubscribe_without_resume_starts_afresh(broker):
     assert receive(broker, count=1) == [1]
     subscribe(broker, resume=False)
     assert receive(broker) == []
-    assert broker.channels["events"].queues["console"].counters["reset"] == 1
+    assert broker.channels["events"].queues["console"].counters["skipped"] == 1
 
 
 def test_unknown_channel_and_method(broker):

@@ -5,8 +5,9 @@ A subscriber's output queue: urgency, TTL and overflow, every discard counted.
 from fit_broker.broker.queue import OutputQueue as _OutputQueue
 
 
-def ev(event_id, urgency=0, timestamp=100.0, ttl=10.0, count=1):
-    return (count, ("p", event_id, timestamp, ttl, urgency, b"", b""))
+def ev(event_id, urgency=0, timestamp=100.0, ttl=10.0, count=1, size=64):
+    batch = ("p", event_id, timestamp, ttl, urgency, b"", b"")
+    return (count, batch, batch, size)
 
 
 def ids(batches):
@@ -14,10 +15,12 @@ def ids(batches):
 
 
 class OutputQueue(_OutputQueue):
-    """The queue, fed one-event batches unless told otherwise."""
+    """The queue, taking and acknowledging at once as a pull does."""
 
-    def extend(self, entries):
-        super().extend(entries, sum(e[0] for e in entries))
+    def take(self, count, now, max_bytes=None):
+        taken = super().take(count, now, max_bytes)
+        self.ack([(b[0], b[1]) for b in taken])
+        return taken
 
 
 def test_urgent_events_leave_first():
@@ -72,16 +75,16 @@ def test_overflow_drop_newest():
 
 
 def test_counters_reconcile():
-    """enqueued = delivered + expired + overflowed + reset + waiting, always."""
+    """enqueued = delivered + expired + overflowed + skipped + waiting + unacknowledged, always."""
     queue = OutputQueue(5, 2)
     queue.extend([ev(i, i % 2, ttl=1.0 if i % 3 == 0 else 50.0) for i in range(12)])
     queue.take(2, now=102)
     queue.expire(now=102)
     queue.extend([ev(100 + i) for i in range(3)])
     c = queue.counters
-    assert c["enqueued"] == c["delivered"] + c["expired"] + c["overflowed"] + c["reset"] + len(queue)
+    assert c["enqueued"] == c["delivered"] + c["expired"] + c["overflowed"] + c["skipped"] + len(queue) + queue.unacked_events
     queue.clear()
-    assert c["enqueued"] == c["delivered"] + c["expired"] + c["overflowed"] + c["reset"]
+    assert c["enqueued"] == c["delivered"] + c["expired"] + c["overflowed"] + c["skipped"]
 
 
 def test_batches_count_their_events():

@@ -3,9 +3,9 @@ A channel: one row of the control table and the state it carries at a replica.
 """
 
 from fit_broker.broker.queue import OutputQueue
-from fit_broker.dedup import RecentIds
+from fit_broker.dedup import IdRanges
 from fit_broker.errors import Status
-from fit_broker.units import batch_digest, digest_form, full_copy_senders, payload_count
+from fit_broker.units import batch_bytes, batch_digest, digest_form, full_copy_senders, payload_count
 
 
 # Batches remembered per publisher and channel: more than a client proxy
@@ -83,23 +83,27 @@ class Channel:
 
     def publish(self, client, batches, now):
         """
-        Accept batches from C{client}; return the C{(count, batch)} entries appended.
+        Accept batches from C{client}; return the C{(count, outgoing, full,
+        bytes)} entries appended.
 
         A request is refused whole (L{Refused}) when a batch is not authentic
         or malformed, so a publisher never has to guess which part was taken.
         Duplicates and batches already expired are dropped and counted, and
-        the publish still succeeds.  Payloads are never decoded here.
+        the publish still succeeds.  A batch whose id range overlaps another
+        batch of the same publisher (not the same batch again) is refused:
+        events are identified by C{(publisher, event id)}, and two contents
+        for one identity must never both be delivered.  Payloads are never
+        decoded here.
         """
         self.check_publisher(client)
         qos = self.spec.qos
         levels = qos.urgency_levels
         max_ttl = qos.ttl
         latest = now + self.max_clock_skew
-        recent = self._recent.get(client)
-        if recent is None:
-            recent = self._recent[client] = RecentIds(self.dedup_window, floors=False)
-        fresh = []
-        duplicates = expired = 0
+        ranges = self._recent.get(client)
+        if ranges is None:
+            ranges = self._recent[client] = IdRanges(self.dedup_window)
+        checked = []
         for index, batch in enumerate(batches):
             publisher, first_id, timestamp, ttl, urgency, payload, _ = batch
             if publisher != client:
@@ -141,13 +145,24 @@ class Channel:
                     f"{self.scheme.name} check: {reason}",
                     reason,
                 )
-            if first_id in recent:
+            digest = batch_digest(batch)
+            if ranges.check(first_id, count, digest) == "conflict":
+                raise self._overlap(index, client, first_id, count)
+            checked.append((count, batch, digest))
+        fresh = []
+        duplicates = expired = 0
+        for count, batch, digest in checked:
+            first_id = batch[1]
+            verdict = ranges.check(first_id, count, digest)
+            if verdict == "conflict":
+                raise self._overlap(len(fresh), client, first_id, count)
+            if verdict != "new":
                 duplicates += count
-            elif timestamp + ttl <= now:
+            elif not batch[2] + batch[3] > now:
                 expired += count
             else:
-                recent.add(first_id, urgency)
-                fresh.append((count, self._outgoing(batch)))
+                ranges.add(first_id, count, digest)
+                fresh.append((count, self._outgoing(batch, digest), batch, batch_bytes(batch)))
         if duplicates:
             self.count("duplicate", duplicates)
         if expired:
@@ -159,7 +174,15 @@ class Channel:
             appended.extend(entries)
         return appended
 
-    def _outgoing(self, batch):
+    def _overlap(self, index, client, first_id, count):
+        return self.refuse(
+            Status.BAD_REQUEST,
+            f"batch {index}: event ids {first_id}..{first_id + count - 1} overlap a different "
+            f"batch already accepted from {client!r}; a retry must resend the same batch",
+            "overlapping-ids",
+        )
+
+    def _outgoing(self, batch, digest):
         """
         Return what subscribers get from this replica for C{batch}: the batch,
         or its digest form when other replicas are designated to send it.
@@ -170,30 +193,37 @@ class Channel:
         start = full_copy_senders(batch[0], batch[1], replicas, copies)
         if (index - start) % replicas < copies:
             return batch
-        return digest_form(batch, batch_digest(batch))
+        return digest_form(batch, digest)
 
     def append(self, entries):
         """
-        Put ordered C{(count, batch)} entries into every subscriber's queue.
+        Put ordered C{(count, outgoing, full, bytes)} entries into every
+        subscriber's queue.
         """
         if not entries:
             return
         events = sum(entry[0] for entry in entries)
         self.counters["accepted"] += events
         for queue in self.queues.values():
-            queue.extend(entries, events)
+            queue.extend(entries)
 
     def subscribe(self, client, resume):
+        """
+        Return C{(queue, skipped)}: the subscriber's queue, kept from before
+        unless C{resume} is false, when what waited in it is skipped and
+        counted.
+        """
         self.check_subscriber(client)
         queue = self.queues.get(client)
+        skipped = 0
         if queue is None:
             qos = self.spec.qos
             queue = self.queues[client] = OutputQueue(
-                qos.capacity, qos.urgency_levels, qos.overflow
+                qos.capacity, qos.urgency_levels, qos.overflow, qos.max_bytes
             )
         elif not resume:
-            queue.clear()
-        return queue
+            skipped = queue.clear()
+        return queue, skipped
 
     def unsubscribe(self, client):
         queue = self.queues.pop(client, None)
@@ -201,7 +231,7 @@ class Channel:
             queue.clear()
         return queue
 
-    def take(self, client, count, now):
+    def queue_of(self, client):
         queue = self.queues.get(client)
         if queue is None:
             raise self.refuse(
@@ -209,20 +239,35 @@ class Channel:
                 f"client {client!r} is not subscribed to {self.tag!r}",
                 "not-subscribed",
             )
-        return queue.take(count, now)
+        return queue
+
+    def take(self, client, count, now):
+        """
+        Pull mode: remove batches of about C{count} events; they count as
+        delivered once taken, since a pull has no acknowledgement.
+        """
+        queue = self.queue_of(client)
+        batches = queue.take(count, now)
+        queue.ack([(b[0], b[1]) for b in batches])
+        return batches
 
     def expire(self, now):
         for queue in self.queues.values():
             queue.expire(now)
 
-    def snapshot(self):
+    def snapshot(self, subscriber=None):
         """
-        Counters of the channel and of each subscriber's queue.
+        Counters of the channel and of each subscriber's queue (only
+        C{subscriber}'s when given).
         """
         return {
             "counters": dict(self.counters),
             "subscribers": {
-                name: dict(queue.counters, waiting=len(queue))
+                name: dict(
+                    queue.counters, waiting=len(queue), bytes=queue.bytes,
+                    unacknowledged=queue.unacked_events,
+                )
                 for name, queue in self.queues.items()
+                if subscriber is None or name == subscriber
             },
         }

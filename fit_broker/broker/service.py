@@ -4,11 +4,14 @@ The broker service: requests in, replies out, for every channel of a replica.
 
 from fit_broker import units
 from fit_broker.broker.channel import Channel, Refused
+from fit_broker.broker.stream import Stream
 from fit_broker.components import ORDERINGS
 from fit_broker.errors import Status
 from fit_broker.units import Reply
 
 MAX_RECEIVE = 10_000
+# Batch identities one acknowledgement or fetch may name.
+MAX_KEYS = 4096
 
 
 class BrokerService:
@@ -62,7 +65,7 @@ class BrokerService:
         self.counters["requests"] += 1
         method = request.method
         if method == units.STATUS:
-            return Reply(request.seq, Status.OK, info=self.snapshot())
+            return Reply(request.seq, Status.OK, info=self.snapshot(client))
         channel = self.channels.get(request.channel)
         if channel is None:
             self._count("unknown-channel")
@@ -99,11 +102,20 @@ class BrokerService:
             channel.registered.discard(client)
             return Reply(seq, Status.OK, channel=tag)
         if method == units.SUBSCRIBE:
-            channel.subscribe(client, bool(request.options.get("resume", False)))
-            return Reply(seq, Status.OK, channel=tag, info={"qos": channel.spec.qos.name})
+            resume = request.options.get("resume", True) is not False
+            _, skipped = channel.subscribe(client, resume)
+            info = {"qos": channel.spec.qos.name}
+            if not resume:
+                info["skipped"] = skipped
+            return Reply(seq, Status.OK, channel=tag, info=info)
         if method == units.UNSUBSCRIBE:
             channel.unsubscribe(client)
             return Reply(seq, Status.OK, channel=tag)
+        if method == units.ACK:
+            self.ack(tag, client, request.options.get("keys"))
+            return Reply(seq, Status.OK, channel=tag)
+        if method == units.FETCH:
+            return Reply(seq, Status.OK, batches=self.fetch(tag, client, request.options.get("keys")), channel=tag)
         if method == units.RECEIVE:
             count = max(0, min(request.count, MAX_RECEIVE))
             batches = channel.take(client, count, now)
@@ -112,26 +124,73 @@ class BrokerService:
             seq, Status.UNKNOWN_METHOD, f"method {method!r} is not served here", channel=tag
         )
 
-    def take(self, tag, client, count, now):
+    def ack(self, tag, client, keys):
         """
-        Remove batches of about C{count} events waiting for C{client} on C{tag}.
+        C{client} holds the batches C{keys} names: forget them here.
+        Malformed keys are ignored: acknowledgements only ever free memory.
+        """
+        queue = self.channels[tag].queues.get(client)
+        if queue is None:
+            return 0
+        return queue.ack(_batch_keys(keys))
+
+    def fetch(self, tag, client, keys):
+        """
+        Return the full batches named by C{keys} that C{client}'s queue holds
+        (waiting, or sent and not acknowledged).
         """
         channel = self.channels[tag]
-        queue = channel.queues.get(client)
-        if queue is None:
-            return []
-        return queue.take(count, now)
+        queue = channel.queue_of(client)
+        found = []
+        for key in _batch_keys(keys):
+            batch = queue.lookup(key)
+            if batch is not None:
+                found.append(batch)
+        channel.count("fetched", len(found))
+        return tuple(found)
 
-    def waiting(self, tag, client):
-        queue = self.channels[tag].queues.get(client)
-        return 0 if queue is None else len(queue)
+    def open_stream(self, tag, client, events, nbytes):
+        """
+        Start pushing C{tag} to C{client}: what it was sent and did not
+        acknowledge is queued again first.
+        """
+        queue = self.channels[tag].queue_of(client)
+        queue.requeue_unacked()
+        return Stream(tag, queue, events, nbytes)
 
     def expire(self, now):
         for channel in self.channels.values():
             channel.expire(now)
 
-    def snapshot(self):
+    def snapshot(self, client=None):
+        """
+        Counters: all of them for an administrator (or C{client} C{None}),
+        else only those of the channels C{client} may use, and of its own
+        queues there.
+        """
+        if client is None or self.config.is_admin(client):
+            return {
+                "requests": dict(self.counters),
+                "channels": {tag: channel.snapshot() for tag, channel in self.channels.items()},
+            }
         return {
-            "requests": dict(self.counters),
-            "channels": {tag: channel.snapshot() for tag, channel in self.channels.items()},
+            "channels": {
+                tag: channel.snapshot(client)
+                for tag, channel in self.channels.items()
+                if channel.spec.may_publish(client) or channel.spec.may_subscribe(client)
+            },
         }
+
+
+def _batch_keys(keys):
+    """
+    Return the well-formed C{(publisher, first_id)} pairs of a peer's list,
+    at most L{MAX_KEYS} of them.
+    """
+    if type(keys) is not tuple:
+        return []
+    return [
+        (key[0], key[1])
+        for key in keys[:MAX_KEYS]
+        if type(key) is tuple and len(key) == 2 and type(key[0]) is str and type(key[1]) is int
+    ]

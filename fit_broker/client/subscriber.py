@@ -1,6 +1,8 @@
 """
-Receiving events: streams with flow control, and pulls.
+Receiving events: streams with flow control and acknowledgements, and pulls.
 """
+
+import os
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import LoopingCall
@@ -9,22 +11,44 @@ from twisted.logger import Logger
 from fit_broker import units
 from fit_broker.components import VOTERS
 from fit_broker.errors import FitBrokerError
-from fit_broker.units import DeliveredBatch, Request, credit_cost
+from fit_broker.units import (
+    MAX_CREDIT_BYTES,
+    MAX_CREDIT_EVENTS,
+    DeliveredBatch,
+    Request,
+    batch_bytes,
+    credit_cost,
+)
 
 DEFAULT_CREDIT = 4000
+DEFAULT_CREDIT_BYTES = 1 << 20
+# Seconds between two looks at what voters want fetched and what expired.
+TICK = 0.1
 VOTER_EXPIRY_INTERVAL = 1.0
+# Batch identities per acknowledgement frame (replicas read at most 4,096).
+ACK_CHUNK = 4096
 
 
 class _Stream:
-    __slots__ = ("tag", "callback", "owed", "busy", "backlog", "batches")
+    """
+    One streamed channel: the application's callback, and per replica the
+    credit it may still use (mirroring the replica's count exactly) and the
+    credit owed back to it.
+    """
 
-    def __init__(self, tag, callback, batches):
+    __slots__ = ("tag", "callback", "batches", "busy", "backlog", "outstanding", "owed",
+                 "takeover", "record")
+
+    def __init__(self, tag, callback, batches, takeover, record):
         self.tag = tag
         self.callback = callback
         self.batches = batches
-        self.owed = {}
+        self.takeover = takeover
+        self.record = record
         self.busy = False
         self.backlog = []
+        self.outstanding = {}
+        self.owed = {}
 
 
 class Subscriber:
@@ -32,84 +56,163 @@ class Subscriber:
     Subscribes to channels and hands each decided event to the application once.
 
     Every replica pushes copies of batches; the channel's voter decides which
-    copy is the batch (CFT: the first), and only that one is decoded.  Credits go back to a replica only after the
-    application has taken the events it sent, so a slow console stops its
-    own streams at the replicas and holds at most C{credit} events per
-    replica and channel here.
+    copy is the batch (CFT: the first; BFT: f+1 matching), and only that one
+    is decoded.  Once the application has taken a batch (its callback
+    returned, or the Deferred it returned fired) the subscriber acknowledges
+    it to every replica, which only then forgets it and counts it delivered;
+    what was sent and not acknowledged is sent again when the subscriber
+    comes back.  Credits, in events and bytes, go back to a replica only when
+    the voter is done with its copies and the application is not busy, so a
+    slow console or a slow replica pauses streams rather than losing events,
+    and a replica that sends beyond its credit has the excess dropped and
+    counted.
+
+    With C{state_dir}, what was delivered is recorded per channel in a file
+    there (L{fit_broker.client.delivered.DeliveryRecord}), so a restarted
+    subscriber never hands the application a batch it handed over before,
+    whichever voter the channel uses.  A SIGKILL between a hand-over and its
+    record can repeat that one hand-over; the repeat is counted
+    (C{repeated-after-crash}).
     """
 
     log = Logger()
 
-    def __init__(self, proxy, clock, schemes, keys=None, credit=DEFAULT_CREDIT):
+    def __init__(self, proxy, clock, schemes, keys=None, credit=DEFAULT_CREDIT,
+                 credit_bytes=DEFAULT_CREDIT_BYTES, state_dir=None):
         self.proxy = proxy
         self.config = proxy.config
         self.client = proxy.client
         self.clock = clock
         self.schemes = schemes
         self.keys = keys
-        self.credit = credit
+        self.credit = max(1, min(credit, MAX_CREDIT_EVENTS))
+        self.credit_bytes = max(1, min(credit_bytes, MAX_CREDIT_BYTES))
+        self.state_dir = state_dir
         self.voters = {}
+        self.records = {}
+        self.counters = {}
         self._streams = {}
         self._pulled = {}
         self._opened = {}
-        self._expiry = None
+        self._acks = {}
+        self._ack_call = None
+        self._tick = None
+        self._last_expiry = 0.0
         proxy.on_delivery = self._delivery
         proxy.on_link_up.append(self._link_up)
 
+    def count(self, reason, n=1):
+        self.counters[reason] = self.counters.get(reason, 0) + n
+
     def _spec(self, tag):
         return self.config.authorised(tag, self.client, publish=False)
+
+    def record(self, tag):
+        """
+        Return the delivery record of C{tag}, or C{None} without a state folder.
+
+        @raise ConfigError: when the record cannot be read or written.
+        """
+        if self.state_dir is None:
+            return None
+        record = self.records.get(tag)
+        if record is None:
+            from fit_broker.client.delivered import DeliveryRecord
+
+            path = os.path.join(self.state_dir, state_file_name(tag))
+            record = self.records[tag] = DeliveryRecord.open(path)
+        return record
 
     def voter(self, tag):
         voter = self.voters.get(tag)
         if voter is None:
             spec = self.config.channels[tag]
+            record = self.record(tag)
+            publishers = spec.publishers
             voter = self.voters[tag] = VOTERS[spec.voter](
                 faults=self.config.faults,
                 scheme=self.schemes(spec.scheme),
                 keys=self.keys,
                 channel=tag,
                 replicas=len(self.config.replicas),
+                publishers=len(self.config.clients) if "*" in publishers else len(publishers),
+                memory=record.seen if record is not None else None,
+                max_ttl=spec.qos.ttl,
             )
-            if self._expiry is None:
-                self._expiry = LoopingCall(self._expire)
-                self._expiry.clock = self.clock
-                self._expiry.start(VOTER_EXPIRY_INTERVAL, now=False)
+            if self._tick is None:
+                self._tick = LoopingCall(self._on_tick)
+                self._tick.clock = self.clock
+                self._tick.start(TICK, now=False)
         return voter
 
-    def _expire(self):
+    def _on_tick(self):
         now = self.clock.seconds()
-        for voter in self.voters.values():
-            voter.expire(now)
+        if now - self._last_expiry >= VOTER_EXPIRY_INTERVAL:
+            self._last_expiry = now
+            for voter in self.voters.values():
+                voter.expire(now)
+        for tag, voter in self.voters.items():
+            wanted = voter.wanted(now)
+            if wanted:
+                self._fetch(tag, wanted)
+            if tag in self._streams:
+                self._settle(self._streams[tag])
 
     def stop(self):
-        if self._expiry is not None and self._expiry.running:
-            self._expiry.stop()
-        self._expiry = None
+        if self._tick is not None and self._tick.running:
+            self._tick.stop()
+        self._tick = None
+        if self._ack_call is not None and self._ack_call.active():
+            self._ack_call.cancel()
+            self._flush_acks()
+        for record in self.records.values():
+            record.close()
+        self.records.clear()
 
-    def subscribe(self, tag, callback=None, resume=False, batches=False):
+    def subscribe(self, tag, callback=None, resume=True, batches=False, takeover=False):
         """
         Subscribe to C{tag}.  With C{callback}, events are streamed to it in
         lists of L{Event}; if it returns a Deferred, no more events come
-        until it fires.  Without, use L{receive}.
+        until it fires, and they are acknowledged only then.  Without, use
+        L{receive}.
 
-        @param resume: keep what the replicas queued for this client since
-            it last went away, instead of starting afresh.
+        @param resume: receive what the replicas queued for this client while
+            it was away (the default); with C{False} that backlog is skipped,
+            and the reply's C{info["skipped"]} says how many events.
         @param batches: give C{callback} lists of L{DeliveredBatch} instead,
             for consumers that ingest at high rates.
+        @param takeover: replace another connection that streams this
+            channel to the same client (a console whose old connection is
+            half-open); without it, such a subscription is refused.
         """
         try:
             spec = self._spec(tag)
+            self.voter(tag)
+            record = self.record(tag)
         except FitBrokerError:
             return fail()
-        self.voter(tag)
-        options = {"resume": resume}
+        options = {"resume": bool(resume)}
         if callback is not None:
-            self._streams[tag] = _Stream(tag, callback, batches)
-            options.update(stream=True, credit=self.credit)
+            stream = self._streams[tag] = _Stream(tag, callback, batches, takeover, record)
+            options.update(self._stream_options(stream))
+            for index in range(len(self.config.replicas)):
+                self._reset_credit(stream, index)
         request = Request(self.proxy.next_seq(), units.SUBSCRIBE, tag, options=options)
         quorum = self.config.acks_needed(spec.tag)
         # kept for replicas not connected yet, so that the quorum can still form
         return self.proxy.invoke(request, quorum)
+
+    def _stream_options(self, stream):
+        return {
+            "stream": True,
+            "credit": self.credit,
+            "credit_bytes": self.credit_bytes,
+            "takeover": stream.takeover,
+        }
+
+    def _reset_credit(self, stream, index):
+        stream.outstanding[index] = [self.credit, self.credit_bytes]
+        stream.owed[index] = [0, 0]
 
     def unsubscribe(self, tag):
         self._streams.pop(tag, None)
@@ -118,15 +221,12 @@ class Subscriber:
 
     def _link_up(self, index):
         for tag, stream in self._streams.items():
-            stream.owed[index] = 0
+            # the replica sends again what was not acknowledged: its old copies go
+            self.voters[tag].forget_replica(index)
+            self._reset_credit(stream, index)
             self.proxy.send(
                 index,
-                Request(
-                    0,
-                    units.SUBSCRIBE,
-                    tag,
-                    options={"resume": True, "stream": True, "credit": self.credit},
-                ),
+                Request(0, units.SUBSCRIBE, tag, options={"resume": True, **self._stream_options(stream)}),
             )
 
     def _delivery(self, index, delivery):
@@ -134,17 +234,53 @@ class Subscriber:
         if stream is None:
             self.proxy.count("delivery-without-stream")
             return
-        decided = self.voter(stream.tag).offer(index, delivery.batches, self.clock.seconds())
-        stream.owed[index] = stream.owed.get(index, 0) + sum(map(credit_cost, delivery.batches))
+        outstanding = stream.outstanding.get(index)
+        if outstanding is None:
+            self.proxy.count(f"delivery-from-unknown-replica:{index}")
+            return
+        accepted = []
+        for batch in delivery.batches:
+            if outstanding[0] > 0 and outstanding[1] > 0:
+                outstanding[0] -= credit_cost(batch)
+                outstanding[1] -= batch_bytes(batch)
+                accepted.append(batch)
+            else:
+                self.count(f"over-credit:replica-{index}")
+        decided = self.voters[stream.tag].offer(index, accepted, self.clock.seconds())
+        self._decided(stream, decided)
+
+    def _decided(self, stream, decided):
         if stream.busy:
             stream.backlog.extend(decided)
-            return
-        if decided:
+        elif decided:
             self._hand_over(stream, decided)
+        self._settle(stream)
+
+    def _settle(self, stream):
+        """
+        Collect the credit the voter freed and the acknowledgements it owes,
+        and send them unless the application is busy.
+        """
+        voter = self.voters[stream.tag]
+        for index, (events, nbytes) in voter.release().items():
+            owed = stream.owed.get(index)
+            if owed is not None:
+                owed[0] += events
+                owed[1] += nbytes
+        acks = voter.take_acks()
+        if acks:
+            self._ack(stream.tag, acks)
         if not stream.busy:
             self._grant(stream)
 
     def _hand_over(self, stream, decided):
+        record = stream.record
+        keys = [(batch[0], batch[1]) for batch in decided]
+        if record is not None:
+            for key in keys:
+                if record.was_maybe_repeated(key):
+                    self.count("repeated-after-crash")
+            record.handing([(batch[0], batch[1], batch[4]) for batch in decided])
         try:
             opened = self._open(stream.tag, decided)
             if not stream.batches:
@@ -152,31 +288,104 @@ class Subscriber:
             result = stream.callback(opened)
         except Exception:
             self.log.failure("the application failed on events of {tag}", tag=stream.tag)
-            return
+            result = None
         if not isinstance(result, Deferred):
+            self._handed(stream, keys)
             return
         stream.busy = True
 
         def done(_):
             stream.busy = False
+            self._handed(stream, keys)
             if stream.backlog:
                 backlog, stream.backlog = stream.backlog, []
                 self._hand_over(stream, backlog)
             if not stream.busy:
-                self._grant(stream, force=True)
+                self._settle(stream)
 
         result.addErrback(self._callback_failed, stream.tag)
         result.addBoth(done)
 
+    def _handed(self, stream, keys):
+        if stream.record is not None:
+            stream.record.handed()
+        self._ack(stream.tag, keys)
+
     def _callback_failed(self, failure, tag):
         self.log.failure("the application failed on events of {tag}", failure, tag=tag)
 
-    def _grant(self, stream, force=False):
-        threshold = 1 if force else self.credit // 2
+    def _ack(self, tag, keys):
+        pending = self._acks.get(tag)
+        if pending is None:
+            self._acks[tag] = list(keys)
+        else:
+            pending.extend(keys)
+        if self._ack_call is None:
+            self._ack_call = self.clock.callLater(0, self._flush_acks)
+
+    def _flush_acks(self):
+        """
+        Acknowledge to every replica what this turn handed over, in one
+        frame per channel.
+        """
+        self._ack_call = None
+        acks, self._acks = self._acks, {}
+        for tag, keys in acks.items():
+            for start in range(0, len(keys), ACK_CHUNK):
+                request = Request(0, units.ACK, tag, options={"keys": keys[start : start + ACK_CHUNK]})
+                for index in list(self.proxy.links):
+                    self.proxy.send(index, request)
+
+    def _grant(self, stream):
+        """
+        Return owed credit to each replica whose window fell to half.
+        """
+        half_events = self.credit // 2
+        half_bytes = self.credit_bytes // 2
         for index, owed in stream.owed.items():
-            if owed >= threshold:
-                stream.owed[index] = 0
-                self.proxy.send(index, Request(0, units.CREDIT, stream.tag, owed))
+            if not (owed[0] > 0 or owed[1] > 0):
+                continue
+            outstanding = stream.outstanding[index]
+            if outstanding[0] <= half_events or outstanding[1] <= half_bytes:
+                outstanding[0] += owed[0]
+                outstanding[1] += owed[1]
+                self.proxy.send(
+                    index,
+                    Request(0, units.CREDIT, stream.tag, owed[0], options={"bytes": owed[1]}),
+                )
+                owed[0] = owed[1] = 0
+
+    def _fetch(self, tag, wanted):
+        """
+        Ask replicas for the full batches the voter of C{tag} lacks: those
+        that vouched for a digest, or all of them.
+        """
+        by_target = {}
+        for key, replicas in wanted:
+            targets = tuple(sorted(set(replicas))) if replicas else None
+            by_target.setdefault(targets, []).append(key)
+        for targets, keys in by_target.items():
+            self.count("fetches", len(keys))
+            request = Request(self.proxy.next_seq(), units.FETCH, tag, options={"keys": keys})
+            d = self.proxy.invoke(
+                request, 1, timeout=10.0, retry=False, observe=self._fetched(tag),
+                only=targets,
+            )
+            d.addErrback(lambda _: None)
+
+    def _fetched(self, tag):
+        def observe(index, reply):
+            voter = self.voters.get(tag)
+            if voter is None or not reply.batches:
+                return
+            decided = voter.offer_fetched(index, reply.batches, self.clock.seconds())
+            stream = self._streams.get(tag)
+            if stream is not None:
+                self._decided(stream, decided)
+            else:
+                self._pulled.setdefault(tag, []).extend(decided)
+
+        return observe
 
     def _events(self, tag, decided):
         return [event for batch in self._open(tag, decided) for event in batch.events()]
@@ -208,15 +417,16 @@ class Subscriber:
         """
         try:
             self._spec(tag)
+            voter = self.voter(tag)
         except FitBrokerError:
             return fail()
         buffer = self._pulled.setdefault(tag, [])
         if len(self._opened.get(tag, ())) >= count:
             return succeed(self._take(tag, count))
-        voter = self.voter(tag)
 
         def observe(index, reply):
             buffer.extend(voter.offer(index, reply.batches, self.clock.seconds()))
+            voter.release()
 
         request = Request(self.proxy.next_seq(), units.RECEIVE, tag, count)
         d = self.proxy.invoke(request, self.config.acks_needed(tag), retry=False, observe=observe)
@@ -232,3 +442,15 @@ class Subscriber:
         events.extend(buffer)
         taken, self._opened[tag] = events[:count], events[count:]
         return taken
+
+
+def state_file_name(tag):
+    """
+    Return the file name of channel C{tag}'s delivery record: the tag with
+    anything but letters, digits, dot, dash and underscore percent-encoded.
+    """
+    safe = "".join(
+        c if c.isascii() and (c.isalnum() or c in "._-") else "".join(f"%{b:02X}" for b in c.encode())
+        for c in tag
+    )
+    return (safe if safe not in (".", "..") else safe.replace(".", "%2E")) + ".delivered"
