@@ -84,6 +84,15 @@ def _parser():
     init.add_argument("--first-port", type=int, default=7500, help="replica i listens on this + i")
     init.set_defaults(run=_init)
 
+    sink = commands.add_parser(
+        "sink", help="forward events to SIEMs (twistd fitbroker-sink in the foreground)"
+    )
+    sink.add_argument("--config", default=None, help=f"the cluster's TOML file (default: {DEFAULT_CONFIG})")
+    sink.add_argument(
+        "--sink-config", default=None, help="the sink settings (default: sink.toml beside the cluster file)"
+    )
+    sink.set_defaults(run=_sink)
+
     return parser
 
 
@@ -426,6 +435,25 @@ async def _init(reactor, args):
         print(f"  twistd -n fitbroker --config {path} --replica-id {index}")
     print(f"  fitbroker tail --config {path} events")
     print(f"  fitbroker publish --config {path} events hello")
+
+
+async def _sink(reactor, args):
+    from twisted.internet.defer import Deferred
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from fit_broker.listening import check_listeners
+    from fit_broker.sink.service import make_sink_service
+    from fit_broker.sink.tap import load
+
+    cluster, settings = load(args.config or DEFAULT_CONFIG, args.sink_config)
+    service = make_sink_service(cluster, settings, reactor)
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    check_listeners(service)
+    service.privilegedStartService()
+    service.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    print(f"forwarding {', '.join(settings.channels)} as {settings.client}", file=sys.stderr)
+    await Deferred()
 
 
 def main(argv=None):

@@ -19,3 +19,11 @@ fitbroker_syslog = ServiceMaker(
     "probes and publish each message into the cluster.",
     "fitbroker-syslog",
 )
+
+fitbroker_sink = ServiceMaker(
+    "FIT Broker SIEM sink",
+    "fit_broker.sink.tap",
+    "Forward voted events to SIEMs (RFC 5424 syslog over TCP or TLS, "
+    "rotated JSON-lines files) and serve a live web console.",
+    "fitbroker-sink",
+)
