@@ -82,6 +82,17 @@ def _parser():
     )
     init.add_argument("--name", default="fitbroker", help="the cluster's name")
     init.add_argument("--first-port", type=int, default=7500, help="replica i listens on this + i")
+    init.add_argument(
+        "--hosts", default=None, metavar="H1,H2,...",
+        help="the host of each replica (DNS name or IP address), comma-separated: replica i listens "
+        "there on --first-port (on that address when it is one) and clients connect to it "
+        "(default: every replica on 127.0.0.1)",
+    )
+    init.add_argument(
+        "--metrics-port", type=int, default=None, metavar="PORT",
+        help="replicas serve Prometheus metrics at /metrics on 127.0.0.1:PORT (PORT + i for "
+        "replicas sharing a host; default: no metrics)",
+    )
     init.set_defaults(run=_init)
 
     sink = commands.add_parser(
@@ -426,13 +437,16 @@ async def _status(reactor, args):
 async def _init(reactor, args):
     from fit_broker.init import init_cluster
 
+    hosts = args.hosts.split(",") if args.hosts else None
     path = init_cluster(
-        args.directory, args.replicas, args.faults, args.clients, args.first_port, args.name
+        args.directory, args.replicas, args.faults, args.clients, args.first_port, args.name,
+        hosts=hosts, metrics_port=args.metrics_port,
     )
     print(f"wrote {path} and the keys beside it (private keys readable by their owner only)")
     print("start each replica, then publish and subscribe:")
     for index in range(args.replicas):
-        print(f"  twistd -n fitbroker --config {path} --replica-id {index}")
+        where = f"on {hosts[index]}: " if hosts else ""
+        print(f"  {where}twistd -n fitbroker --config {path} --replica-id {index}")
     print(f"  fitbroker tail --config {path} events")
     print(f"  fitbroker publish --config {path} events hello")
 

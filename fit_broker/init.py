@@ -2,12 +2,16 @@
 Writing a new cluster: its configuration file and all its key material.
 """
 
+import ipaddress
 import os
+import re
 
 from fit_broker import pki
 from fit_broker.errors import ConfigError
 
 CLUSTER_FILE = "cluster.toml"
+
+_DNS_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
 CLASSES = """\
 [classes.standard]
@@ -48,15 +52,88 @@ def sample_channels(clients, syslog_client=None):
     return rows
 
 
+def check_hosts(hosts, replicas):
+    """
+    Return the hosts of C{--hosts h1,h2,...}, one per replica, checked.
+
+    @raise ConfigError: for a count other than C{replicas} or a name that
+        is neither an IP address nor a DNS name.
+    """
+    hosts = [h.strip() for h in hosts]
+    if len(hosts) != replicas:
+        raise ConfigError(
+            f"--hosts: expected {replicas} hosts (one per replica), found {len(hosts)}"
+        )
+    for host in hosts:
+        if not (_is_ip(host) or _DNS_NAME.fullmatch(host)):
+            raise ConfigError(f"--hosts: expected a DNS name or an IP address, found {host!r}")
+    return hosts
+
+
+def _is_ip(host):
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _escape(host):
+    """Escape an address for an endpoint string, then for a TOML string."""
+    return host.replace(":", "\\\\:")
+
+
+def host_ports(hosts, first_port):
+    """
+    Return each replica's port when replica i runs on C{hosts[i]}: the
+    first on a host gets C{first_port}, a second on the same host the next
+    port, and so on, so that every host opens the same ports.
+    """
+    seen = {}
+    ports = []
+    for host in hosts:
+        ports.append(first_port + seen.get(host, 0))
+        seen[host] = seen.get(host, 0) + 1
+    return ports
+
+
+def replica_lines(port, host=None, metrics_port=None):
+    """
+    Return the C{[[replicas]]} keys of a replica on C{port}: on 127.0.0.1
+    without C{host}; else listening on C{host} when it is an IP address (on
+    all IPv4 interfaces when it is a name) and reached at C{host}.  Clients
+    check the replica's identity in its certificate (C{replica-N.<cluster>}),
+    never the host, so hosts can change without new certificates.  Metrics,
+    when asked for, stay on the loopback interface.
+    """
+    if host is None:
+        listen, connect = f"tcp:{port}:interface=127.0.0.1", f"tcp:127.0.0.1:{port}"
+    elif not _is_ip(host):
+        listen, connect = f"tcp:{port}", f"tcp:{host}:{port}"
+    elif ipaddress.ip_address(host).version == 6:
+        listen = f"tcp6:{port}:interface={_escape(host)}"
+        connect = f"tcp:host={_escape(host)}:port={port}"
+    else:
+        listen, connect = f"tcp:{port}:interface={host}", f"tcp:{host}:{port}"
+    lines = [f'listen = "{listen}"', f'connect = "{connect}"']
+    if metrics_port is not None:
+        lines.append(f'metrics = "tcp:{metrics_port}:interface=127.0.0.1"')
+    return lines
+
+
 def _quote_list(names):
     return "[" + ", ".join(f'"{name}"' for name in names) + "]"
 
 
 def cluster_toml(
     name, faults, replica_ports, clients, channels, keys_dir=".", tls=True, heading="", admins=None,
+    hosts=None, metrics_ports=None,
 ):
     """
     Return the text of a cluster file.
+
+    @param hosts: the host of each replica, or C{None} for 127.0.0.1.
+    @param metrics_ports: each replica's loopback metrics port, or C{None}.
 
     @param admins: the clients that may see the whole status; by default the
         first client, the one the command line acts as.
@@ -74,11 +151,14 @@ def cluster_toml(
         f"tls = {'true' if tls else 'false'}",
         "",
     ]
-    for port in replica_ports:
+    for index, port in enumerate(replica_ports):
         lines += [
             "[[replicas]]",
-            f'listen = "tcp:{port}:interface=127.0.0.1"',
-            f'connect = "tcp:127.0.0.1:{port}"',
+            *replica_lines(
+                port,
+                hosts[index] if hosts else None,
+                metrics_ports[index] if metrics_ports else None,
+            ),
             "",
         ]
     for client in clients:
@@ -101,16 +181,22 @@ def cluster_toml(
 
 def init_cluster(
     directory, replicas=4, faults=1, clients=("local",), first_port=7500, name="fitbroker",
-    syslog_client=None, heading="", reuse_keys=False,
+    syslog_client=None, heading="", reuse_keys=False, hosts=None, metrics_port=None,
 ):
     """
     Write a working cluster into C{directory}: a CA, certificates and keys
     for every replica and client, and C{cluster.toml}, the one file every
     replica and client is given.  Return that file's path.
 
+    @param hosts: replica i runs on C{hosts[i]} (see L{replica_lines});
+        by default every replica runs on 127.0.0.1.
+    @param metrics_port: replica i serves metrics on the loopback port
+        C{metrics_port} plus its offset from C{first_port}; C{None}: none.
     @param reuse_keys: keep key material already in C{directory} (the
         embedded cluster restarts with the keys its clients hold).
     """
+    if hosts:
+        hosts = check_hosts(hosts, replicas)
     clients = list(dict.fromkeys(clients))
     if not clients:
         raise ConfigError("--clients: expected at least one client name")
@@ -132,8 +218,15 @@ def init_cluster(
             {tag: sorted(set(pubs) | set(subs)) for tag, _, _, _, _, pubs, subs in channels},
         )
     path = os.path.join(directory, CLUSTER_FILE)
+    ports = list(range(first_port, first_port + replicas))
+    metrics_ports = None
+    if hosts:
+        ports = host_ports(hosts, first_port)
+    if metrics_port is not None:
+        metrics_ports = [metrics_port + p - first_port for p in ports]
     text = cluster_toml(
-        name, faults, range(first_port, first_port + replicas), clients, channels, heading=heading
+        name, faults, ports, clients, channels, heading=heading, hosts=hosts,
+        metrics_ports=metrics_ports,
     )
     with open(path, "w") as f:
         f.write(text)

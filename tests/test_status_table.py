@@ -82,7 +82,8 @@ def test_status_table_and_json_against_processes(tmp_path):
         states = {line.split()[0]: line.split()[1] for line in lines[1:5]}
         assert states == {"replica-0": "up", "replica-1": "up", "replica-2": "up", "replica-3": "down"}
         events = [line.split() for line in lines if line.startswith("events ")]
-        assert len(events) == 3 and all(int(row[2]) >= 1 for row in events), lines
+        # A CFT publish returns once f+1 replicas have the events.
+        assert len(events) == 3 and sum(int(row[2]) == 2 for row in events) >= 2, lines
         info = json.loads(fitbroker("status", "--json", "--config", path).stdout)
         assert info["replica-3"] == "unreachable"
         assert info["replica-0"]["now"] >= info["replica-0"]["started"]
