@@ -15,6 +15,8 @@ DEFAULT_CONFIG = os.path.join("fitbroker-local", "cluster.toml")
 CONNECT_TIMEOUT = 10.0
 STDIN_CHUNK = 1 << 16
 STDIN_WINDOW = 64
+#: The client `init` writes for the syslog adapter, and its channel's tag.
+SYSLOG_CLIENT = "syslog"
 
 
 class CommandError(FitBrokerError):
@@ -28,6 +30,7 @@ def _parser():
         prog="fitbroker", description="Operate a FIT Broker cluster."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def common(p):
@@ -38,13 +41,24 @@ def _parser():
         )
         p.add_argument("--as", dest="client", default=None, help="the client name to act as")
 
-    publish = commands.add_parser("publish", help="publish events and wait for acknowledgements")
+    publish = commands.add_parser(
+        "publish",
+        help="publish events and wait for acknowledgements",
+        description="Publish each MESSAGE, or each line of standard input, as one event, and "
+        "exit once the cluster acknowledged them all. Blank lines of standard input (empty or "
+        "only spaces) are skipped, and counted in the final message.",
+    )
     common(publish)
     publish.add_argument("--urgency", type=int, default=0, help="urgency level (0 = least urgent)")
-    publish.add_argument("--ttl", type=float, default=0.0, help="seconds to live (default: the channel's)")
+    publish.add_argument(
+        "--ttl", type=float, default=0.0,
+        help="seconds each event lives, at most the channel's TTL; 0 (the default) means the "
+        "channel's TTL",
+    )
     publish.add_argument("channel")
     publish.add_argument(
-        "messages", nargs="*", metavar="MESSAGE", help="one event each (default: each line of stdin)"
+        "messages", nargs="*", metavar="MESSAGE",
+        help="one event each (default: each non-blank line of stdin)",
     )
     publish.set_defaults(run=_publish)
 
@@ -92,6 +106,14 @@ def _parser():
         "--metrics-port", type=int, default=None, metavar="PORT",
         help="replicas serve Prometheus metrics at /metrics on 127.0.0.1:PORT (PORT + i for "
         "replicas sharing a host; default: no metrics)",
+    )
+    init.add_argument(
+        "--syslog-port", type=int, default=5514,
+        help="the port syslog.toml has the syslog adapter listen on (UDP and TCP; default 5514)",
+    )
+    init.add_argument(
+        "--force", action="store_true",
+        help="replace the cluster already in DIRECTORY: new keys, configuration and syslog.toml",
     )
     init.set_defaults(run=_init)
 
@@ -151,24 +173,38 @@ async def _connect(reactor, config, client):
     return session
 
 
+def _version():
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fit-broker")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 async def _publish(reactor, args):
+    if not (math.isfinite(args.ttl) and args.ttl >= 0):
+        raise CommandError(
+            f"--ttl: expected 0 (the channel's TTL) or a positive number of seconds, found {args.ttl:g}"
+        )
     config, client = _load(args)
     _check_channel(config, args.channel, lambda s: s.may_publish(client), "publish to")
     session = await _connect(reactor, config, client)
     publisher = session.publisher
-    total = 0
+    total = skipped = 0
     try:
         if args.messages:
             contents = [m.encode("utf-8", "surrogateescape") for m in args.messages]
             await publisher.publish_many(args.channel, contents, args.urgency, args.ttl)
             total = len(contents)
         else:
-            total = await _publish_stdin(reactor, publisher, args)
+            total, skipped = await _publish_stdin(reactor, publisher, args)
     except Exception as e:
         raise _unwrap(e) from None
     finally:
         session.stop()
-    print(f"published {total} event(s) to {args.channel}", file=sys.stderr)
+    blank = f" (skipped {skipped} blank line(s))" if skipped else ""
+    print(f"published {total} event(s) to {args.channel}{blank}", file=sys.stderr)
 
 
 async def _publish_stdin(reactor, publisher, args):
@@ -186,9 +222,15 @@ async def _publish_stdin(reactor, publisher, args):
     outstanding = []
     finished = Deferred()
     count = [0]
+    skipped = [0]
 
     def publish(lines):
         contents = [line.rstrip(b"\r") for line in lines]
+        contents = [line for line in contents if line.strip()]
+        skipped[0] += len(lines) - len(contents)
+        if not contents:
+            window.release()
+            return
         count[0] += len(contents)
         d = publisher.publish_many(args.channel, contents, args.urgency, args.ttl)
         d.addBoth(lambda result: (window.release(), result)[1])
@@ -215,7 +257,7 @@ async def _publish_stdin(reactor, publisher, args):
     threading.Thread(target=read, args=(sys.stdin.fileno(),), daemon=True).start()
     await finished
     await gatherResults(outstanding, consumeErrors=True)
-    return count[0]
+    return count[0], skipped[0]
 
 
 def _unwrap(error):
@@ -440,15 +482,18 @@ async def _init(reactor, args):
     hosts = args.hosts.split(",") if args.hosts else None
     path = init_cluster(
         args.directory, args.replicas, args.faults, args.clients, args.first_port, args.name,
+        syslog_client=SYSLOG_CLIENT, syslog_port=args.syslog_port, force=args.force,
         hosts=hosts, metrics_port=args.metrics_port,
     )
-    print(f"wrote {path} and the keys beside it (private keys readable by their owner only)")
+    print(f"wrote {path}, syslog.toml and the keys beside it (private keys readable by their owner only)")
     print("start each replica, then publish and subscribe:")
     for index in range(args.replicas):
         where = f"on {hosts[index]}: " if hosts else ""
         print(f"  {where}twistd -n fitbroker --config {path} --replica-id {index}")
     print(f"  fitbroker tail --config {path} events")
     print(f"  fitbroker publish --config {path} events hello")
+    print(f"syslog from legacy probes (port {args.syslog_port}) into channel syslog:")
+    print(f"  twistd -n fitbroker-syslog --config {path}")
 
 
 async def _sink(reactor, args):

@@ -8,6 +8,7 @@ from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from fit_broker.errors import ConfigError
 from fit_broker.keys import load_keyring, replica_identity
 from fit_broker.pki import load_tls_material, replica_hostname
+from fit_broker.schemes.registry import scheme_lookup, scheme_uses_keys
 from fit_broker.tls import client_tls_options, peer_identity, server_tls_options
 
 
@@ -18,7 +19,15 @@ def _keys_dir(config, why):
 
 
 def _needs_keys(config):
-    return config.tls or any(spec.scheme != "si" for spec in config.channels.values())
+    """
+    Whether C{config} needs a keys folder: TLS is on, or a channel's scheme
+    uses key material.  The channels' schemes are looked up first, so that a
+    scheme no plugin provides is reported as such, not as a missing folder.
+    """
+    schemes = scheme_lookup(config)
+    return config.tls or any(
+        scheme_uses_keys(schemes(spec.scheme)) for spec in config.channels.values()
+    )
 
 
 def replica_credentials(config, index):

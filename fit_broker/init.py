@@ -12,6 +12,8 @@ from fit_broker.errors import ConfigError
 CLUSTER_FILE = "cluster.toml"
 
 _DNS_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+SYSLOG_FILE = "syslog.toml"
+SYSLOG_PORT = 5514
 
 CLASSES = """\
 [classes.standard]
@@ -179,9 +181,40 @@ def cluster_toml(
     return "\n".join(lines)
 
 
+def syslog_toml(client, port):
+    """
+    Return the text of the syslog adapter's settings for a new cluster:
+    UDP and TCP on 127.0.0.1:C{port}, everything to channel C{syslog}.
+    """
+    return f"""\
+# The syslog ingest adapter's settings for the cluster file beside this one.
+#
+#   twistd -n fitbroker-syslog --config cluster.toml
+#   logger -n 127.0.0.1 -P {port} --udp "hello from syslog"
+#   fitbroker tail --config cluster.toml syslog
+#
+# Listeners take Twisted endpoint strings (udp:PORT:interface=ADDRESS for
+# datagrams); listen beyond loopback by changing the interface.  Every other
+# setting (TLS listeners, routing rules, spool, rate limits) is described in
+# etc/syslog.toml and docs/syslog.md of the source tree.
+
+client = "{client}"
+
+[[listeners]]
+endpoint = "udp:{port}:interface=127.0.0.1"
+
+[[listeners]]
+endpoint = "tcp:{port}:interface=127.0.0.1"
+
+[routing]
+default = "syslog"
+"""
+
+
 def init_cluster(
     directory, replicas=4, faults=1, clients=("local",), first_port=7500, name="fitbroker",
-    syslog_client=None, heading="", reuse_keys=False, hosts=None, metrics_port=None,
+    syslog_client=None, heading="", reuse_keys=False, syslog_port=SYSLOG_PORT, force=False,
+    hosts=None, metrics_port=None,
 ):
     """
     Write a working cluster into C{directory}: a CA, certificates and keys
@@ -194,6 +227,11 @@ def init_cluster(
         C{metrics_port} plus its offset from C{first_port}; C{None}: none.
     @param reuse_keys: keep key material already in C{directory} (the
         embedded cluster restarts with the keys its clients hold).
+    @param syslog_client: also write a client of that name, a C{syslog}
+        channel it publishes to, and C{syslog.toml} for the adapter
+        (listening on C{syslog_port}); a kept C{syslog.toml} is left alone
+        when keys are reused.
+    @param force: replace the keys and files of a cluster already there.
     """
     if hosts:
         hosts = check_hosts(hosts, replicas)
@@ -209,6 +247,11 @@ def init_cluster(
         )
     channels = sample_channels(clients, syslog_client)
     have_keys = os.path.exists(os.path.join(directory, pki.MANIFEST_FILE))
+    if have_keys and not (reuse_keys or force):
+        raise ConfigError(
+            f"{directory}: a cluster is already there; pass --force to replace its keys and "
+            "configuration (clients and replicas holding the old keys stop working)"
+        )
     if not (reuse_keys and have_keys):
         pki.write_cluster_material(
             directory,
@@ -216,6 +259,7 @@ def init_cluster(
             replicas,
             clients,
             {tag: sorted(set(pubs) | set(subs)) for tag, _, _, _, _, pubs, subs in channels},
+            overwrite=force,
         )
     path = os.path.join(directory, CLUSTER_FILE)
     ports = list(range(first_port, first_port + replicas))
@@ -230,4 +274,8 @@ def init_cluster(
     )
     with open(path, "w") as f:
         f.write(text)
+    syslog_path = os.path.join(directory, SYSLOG_FILE)
+    if syslog_client is not None and not (reuse_keys and os.path.exists(syslog_path)):
+        with open(syslog_path, "w") as f:
+            f.write(syslog_toml(syslog_client, syslog_port))
     return path

@@ -48,6 +48,16 @@ def write_local_config(folder, first_port=FIRST_PORT):
     )
 
 
+def describe_channels(config):
+    """
+    Return the channels of C{config} as C{events (BFT, HA), ...}: each with
+    its own mode and scheme, taken from the file so the greeting cannot drift.
+    """
+    return ", ".join(
+        f"{tag} ({spec.qop.upper()}, {spec.scheme.upper()})" for tag, spec in config.channels.items()
+    )
+
+
 class _Greeting(Service):
     """
     Tells a new user, once the replicas listen, what to type next.
@@ -55,8 +65,9 @@ class _Greeting(Service):
 
     log = Logger()
 
-    def __init__(self, path, extra=""):
+    def __init__(self, path, channels, extra=""):
         self.path = path
+        self.channels = channels
         self.extra = extra
 
     def startService(self):
@@ -67,10 +78,10 @@ class _Greeting(Service):
             "  In another terminal, from this folder:\n"
             "    fitbroker tail events            # watch the events channel\n"
             "    fitbroker publish events hello   # publish an event\n"
-            "  Channels: events (BFT, HA), signed (BFT, PKS), sealed (BFT, PKE), alerts, "
-            "health (CFT), syslog.{extra}\n"
+            "  Channels: {channels}.{extra}\n"
             "  Stop with Ctrl-C.",
             path=self.path,
+            channels=self.channels,
             extra=self.extra,
         )
 
@@ -101,21 +112,24 @@ def make_local_cluster(
     extra = ""
     if syslog:
         extra = _add_syslog(top, config, reactor)
-    _Greeting(os.path.abspath(path), extra).setServiceParent(top)
+    _Greeting(os.path.abspath(path), describe_channels(config), extra).setServiceParent(top)
     return top
 
 
 def _add_syslog(top, config, reactor):
     """
-    Start the syslog adapter on 127.0.0.1:5514 publishing to channel syslog,
-    and return how to try it.
+    Start the syslog adapter with the settings C{init} wrote beside the
+    cluster file (127.0.0.1:5514 unless edited), and return how to try it.
     """
-    from fit_broker.syslog.service import local_syslog_settings, make_syslog_service
+    from fit_broker.syslog.config import default_settings_path, load_settings
+    from fit_broker.syslog.service import make_syslog_service
 
-    settings = local_syslog_settings()
+    path = default_settings_path(config.path)
+    settings = load_settings(path)
     make_syslog_service(config, settings, reactor).setServiceParent(top)
+    listening = ", ".join(spec.endpoint for spec in settings.listeners)
     return (
-        "\n  Syslog on 127.0.0.1:5514 (UDP and TCP) goes to channel syslog:\n"
+        f"\n  Syslog on {listening} goes to channel syslog (settings in {path}):\n"
         "    fitbroker tail syslog\n"
         "    logger -n 127.0.0.1 -P 5514 --udp 'hello from syslog'"
     )

@@ -7,6 +7,8 @@ from twisted.python import usage
 from fit_broker.config import load_config
 from fit_broker.errors import ConfigError
 
+PROGRAM = "fitbroker"
+
 _TWISTD_DEFAULT_PIDFILE = "twistd.pid"
 _TWISTD_DEFAULT_LOGFILE = None
 
@@ -34,15 +36,17 @@ class Options(usage.Options):
         try:
             cluster = load_config(config_path)
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            config_problem(self, PROGRAM, str(e))
         try:
             index = int(replica)
         except ValueError:
             raise usage.UsageError(f"--replica-id: expected an integer, found {replica!r}") from None
         if not 0 <= index < len(cluster.replicas):
-            raise usage.UsageError(
+            config_problem(
+                self,
+                PROGRAM,
                 f"--replica-id: {config_path} has replicas 0 to {len(cluster.replicas) - 1}, "
-                f"found {index}"
+                f"found {index}",
             )
         self["cluster"] = cluster
         self["replica-id"] = index
@@ -63,6 +67,37 @@ class Options(usage.Options):
             parent["logfile"] = f"{stem}.log"
 
 
+def config_problem(options, program, message):
+    """
+    Stop on a problem with a configuration file: in one line under twistd
+    (which prints its whole usage block before a L{usage.UsageError}, burying
+    the line that matters), as a L{usage.UsageError} for other callers.
+    """
+    if options.parent is not None:
+        raise SystemExit(f"{program}: {message}")
+    raise usage.UsageError(message)
+
+
+def prepare_to_start(service, options, program):
+    """
+    Under twistd, try the ports C{service} will listen on while the terminal
+    is still there, and let a listen error after twistd daemonized reach it
+    too; see L{fit_broker.listening}.
+
+    @raise SystemExit: with the one-line reason when a port is taken.
+    """
+    from fit_broker.listening import ListenError, check_listeners, report_to_twistd
+
+    if options.parent is None:
+        return service
+    try:
+        check_listeners(service)
+    except ListenError as e:
+        raise SystemExit(f"{program}: {e}") from None
+    report_to_twistd(service, options.parent, program)
+    return service
+
+
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
@@ -75,17 +110,20 @@ def makeService(options, reactor=None):
     cluster = options["cluster"]
     try:
         if cluster is None:
-            return make_local_cluster(reactor)
-        index = options["replica-id"]
-        keys, tls_options, identify = replica_credentials(cluster, index)
-        return make_replica_service(
-            cluster,
-            index,
-            reactor,
-            scheme_lookup(cluster),
-            keys,
-            identify=identify,
-            tls_options=tls_options,
-        )
+            service = make_local_cluster(reactor)
+        else:
+            index = options["replica-id"]
+            schemes = scheme_lookup(cluster)
+            keys, tls_options, identify = replica_credentials(cluster, index)
+            service = make_replica_service(
+                cluster,
+                index,
+                reactor,
+                schemes,
+                keys,
+                identify=identify,
+                tls_options=tls_options,
+            )
     except FitBrokerError as e:
-        raise SystemExit(f"fitbroker: {e}") from None
+        raise SystemExit(f"{PROGRAM}: {e}") from None
+    return prepare_to_start(service, options, PROGRAM)

@@ -41,6 +41,8 @@ class Rot13Demo:
     # A CRC authenticates nothing: a signature-checking voter must never
     # deliver a single copy on its word.
     subscriber_verifiable = False
+    # It reads no keys, so a cluster using it needs no keys folder.
+    uses_keys = False
 
     def protect(self, keys, channel, batch):
         scrambled = batch[:PAYLOAD] + (batch[PAYLOAD].translate(_ROT13),)

@@ -136,3 +136,44 @@ def test_publish_streams_stdin_lines_as_they_come(cluster):
         publish.stdin.close()
     assert publish.wait(30) == 0
     assert b"published 1 event(s)" in publish.stderr.read()
+
+
+def test_blank_stdin_lines_are_skipped_and_counted(cluster):
+    """Blank lines of standard input become no event; the final message counts them."""
+    result = fitbroker("publish", "--config", cluster.config_path, "events", stdin=b"one\n\n   \r\ntwo\n")
+    assert result.returncode == 0, result.stderr
+    assert b"published 2 event(s) to events (skipped 2 blank line(s))" in result.stderr
+
+
+@pytest.mark.parametrize("ttl", ["-5", "nan"])
+def test_negative_ttl_is_refused_in_one_line(ttl):
+    """A negative or non-number --ttl is one line naming the option, before any connection."""
+    one_line_error(fitbroker("publish", "--ttl", ttl, "events", "x"), "--ttl", "channel's TTL")
+
+
+def test_publish_help_and_version():
+    """--help says what --ttl 0 and blank lines mean; --version prints the package's version."""
+    from importlib.metadata import version
+
+    help_text = " ".join(fitbroker("publish", "--help").stdout.decode().split())
+    assert "0 (the default) means the channel's TTL" in help_text
+    assert "Blank lines of standard input" in help_text
+    result = fitbroker("--version")
+    assert result.returncode == 0
+    assert result.stdout.decode().strip() == f"fitbroker {version('fit-broker')}"
+
+
+def test_publish_from_a_clock_far_behind_fails(cluster):
+    """A publisher whose clock is 10 minutes behind is told its events expired at a quorum and exits non-zero."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    behind = (
+        "import sys, time; real = time.time; time.time = lambda: real() - 600; "
+        "from fit_broker.cli import main; sys.exit(main())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", behind, "publish", "--config", cluster.config_path, "events", "late"],
+        cwd=ROOT, capture_output=True, timeout=60, env=env,
+    )
+    one_line_error(
+        result, "1 event(s) were already past their TTL at a quorum of replicas", "clock", "(expired)"
+    )

@@ -2,6 +2,7 @@
 Publishing events into channels.
 """
 
+import math
 from collections import deque
 
 from twisted.internet.defer import Deferred, DeferredList, fail
@@ -84,6 +85,13 @@ class Publisher:
                     f"urgency {urgency} outside 0..{spec.qos.urgency_levels - 1} of channel {tag!r}",
                 )
             )
+        if not (isinstance(ttl, (int, float)) and math.isfinite(ttl) and ttl >= 0):
+            return fail(
+                RequestFailed(
+                    "bad-request",
+                    f"TTL {ttl!r}: expected 0 (the channel's) or a positive number of seconds",
+                )
+            )
         ttl = spec.qos.effective_ttl(ttl)
         key = (tag, urgency, ttl)
         waiters = []
@@ -146,8 +154,40 @@ class Publisher:
             tag, batch, chunks = self._waiting.popleft()
             self._in_flight += 1
             request = Request(self.proxy.next_seq(), units.PUBLISH, tag, 0, (batch,))
-            d = self.proxy.invoke(request, self.config.acks_needed(tag))
+            quorum = self.config.acks_needed(tag)
+            expired = {}
+            d = self.proxy.invoke(
+                request, quorum, observe=lambda index, reply: self._observe(expired, index, reply)
+            )
+            d.addCallback(self._check_expired, expired, quorum)
             d.addBoth(self._acknowledged, chunks)
+
+    def _observe(self, expired, index, reply):
+        """
+        Note which replicas discarded events of the batch as expired on
+        arrival: they still answer ok (a retry must not be refused), so only
+        their reply's C{info} tells.
+        """
+        info = reply.info if isinstance(reply.info, dict) else {}
+        count = info.get("expired")
+        if isinstance(count, int) and count > 0:
+            expired[index] = count
+            self.proxy.count(f"expired-on-arrival:replica-{index}")
+
+    def _check_expired(self, reply, expired, quorum):
+        """
+        Fail a publish that a quorum of replicas acknowledged but discarded
+        as expired: nothing of it will be delivered, most likely because
+        this host's clock is behind the replicas'.
+        """
+        if len(expired) >= quorum:
+            count = sorted(expired.values())[-quorum]
+            raise RequestFailed(
+                "expired",
+                f"{count} event(s) were already past their TTL at a quorum of replicas; "
+                "is this host's clock right?",
+            )
+        return reply
 
     def _acknowledged(self, result, chunks):
         self._in_flight -= 1

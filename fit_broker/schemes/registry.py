@@ -46,6 +46,16 @@ def find_scheme(name):
         ) from None
 
 
+def scheme_uses_keys(scheme):
+    """
+    Whether C{scheme} needs key material: every scheme does unless it says
+    otherwise with C{uses_keys = False} (SI, which trusts the connection's
+    identity, and schemes such as the ROT13 demo that authenticate nothing),
+    so that a keyed plugin never runs without its keys.
+    """
+    return getattr(scheme, "uses_keys", scheme.name != "si")
+
+
 def scheme_lookup(config):
     """
     Return a function from scheme name to scheme for C{config}'s channels,

@@ -5,6 +5,9 @@ C{twistd fitbroker-syslog}: the syslog ingest adapter as a publisher of a cluste
 from twisted.python import usage
 
 from fit_broker.errors import ConfigError
+from fit_broker.tap import config_problem, prepare_to_start
+
+PROGRAM = "fitbroker-syslog"
 
 _TWISTD_DEFAULT_PIDFILE = "twistd.pid"
 _TWISTD_DEFAULT_LOGFILE = None
@@ -48,7 +51,7 @@ class Options(usage.Options):
                 if spec.tls is not None:
                     tls_options(spec.tls)
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            config_problem(self, PROGRAM, str(e))
         self["cluster"] = cluster
         self["settings"] = settings
         self._default_twistd_files(f"fitbroker-syslog-{cluster.name}")
@@ -77,7 +80,8 @@ def makeService(options, reactor=None):
     from fit_broker.syslog.service import make_syslog_service
 
     try:
-        return make_syslog_service(options["cluster"], options["settings"], reactor)
+        service = make_syslog_service(options["cluster"], options["settings"], reactor)
     except ConfigError as e:
-        raise SystemExit(f"fitbroker-syslog: {e}") from None
+        raise SystemExit(f"{PROGRAM}: {e}") from None
+    return prepare_to_start(service, options, PROGRAM)
 
