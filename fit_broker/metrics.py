@@ -205,6 +205,15 @@ def metrics_resource(reactor, collect):
     return root
 
 
+class _QuietSite(Site):
+    """
+    A site that keeps scrapes (one every few seconds, forever) out of the log.
+    """
+
+    def log(self, request):
+        pass
+
+
 def metrics_service(endpoint, reactor, collect):
     """
     Return a service serving C{/metrics} on the server endpoint string
@@ -221,7 +230,7 @@ def metrics_service(endpoint, reactor, collect):
         listening = serverFromString(reactor, endpoint)
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"metrics: invalid endpoint {endpoint!r}: {e}") from None
-    site = Site(metrics_resource(reactor, collect))
+    site = _QuietSite(metrics_resource(reactor, collect))
     site.displayTracebacks = False
     service = MustListen(listening, site)
     service.setName(f"metrics {endpoint}")
