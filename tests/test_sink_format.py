@@ -442,3 +442,64 @@ def test_tap_refuses_unreadable_channel(tmp_path):
         Options().parseOptions(
             ["--config", str(tmp_path / "cluster.toml"), "--sink-config", str(tmp_path / "s.toml")]
         )
+
+
+# The console's pieces.
+
+
+class RecordingViewer:
+    def __init__(self, open=True):
+        self.messages = []
+        self.open = open
+
+    def send(self, message):
+        if self.open:
+            self.messages.append(message)
+        return self.open
+
+
+def test_console_hub_recent_then_live():
+    """A new viewer gets the channel's recent events, then new ones; a full viewer's drops are counted."""
+    from fit_broker.sink.console import ConsoleHub
+
+    hub = ConsoleHub(["events"], recent=2)
+    hub.publish("events", [event(b"1", 1), event(b"2", 2), event(b"3", 3)])
+    hub.publish("other", [event()])  # not a console channel: ignored
+    viewer, full = RecordingViewer(), RecordingViewer(open=False)
+    hub.join("events", viewer)
+    hub.join("events", full)
+    hub.publish("events", [event(b"4", 4)])
+    contents = [json.loads(m[len(b"data: "):])["content"] for m in viewer.messages]
+    assert contents == ["2", "3", "4"] and hub.dropped == 1
+    hub.leave("events", viewer)
+    assert hub.viewer_count() == 1
+
+
+def test_sse_message_cannot_be_split():
+    """Line breaks in data become separate data fields, so content cannot forge a message or field."""
+    from fit_broker.sink.console import sse_message
+
+    assert sse_message('a\r\nevent: x\rb\n') == b"data: a\ndata: event: x\ndata: b\ndata: \n\n"
+    assert sse_message(json.loads(json_line("c", event(b"x\n\ndata: y")))["content"]).count(b"\n\n") == 1
+
+
+@pytest.mark.parametrize(
+    "host, ok",
+    [(b"127.0.0.1:8480", True), (b"localhost", True), (b"[::1]:8480", True),
+     (b"evil.example:8480", False), (b"127.0.0.1.evil.example", False), (None, False)],
+)
+def test_host_guard(host, ok):
+    """Only the allowed host names may address the console, whatever the port."""
+    from fit_broker.sink.console import host_allowed
+
+    assert host_allowed(host, ("127.0.0.1", "localhost", "[::1]")) is ok
+
+
+def test_page_escapes_channel_names():
+    """Names the server renders into the page are escaped and no script is inline."""
+    from fit_broker.sink.console import render_page
+
+    page = render_page("<b>t</b>", ['"><script>x()</script>']).decode()
+    assert "<script>x()" not in page and "<b>t</b>" not in page
+    assert "&quot;&gt;&lt;script&gt;" in page
+    assert "<script>" not in page.replace('<script src="console.js" defer></script>', "")
