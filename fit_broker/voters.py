@@ -44,16 +44,16 @@ class _Voter:
     checks, TTL caps and the credit each replica's copies hold.
     """
 
-    def __init__(self, window=DEFAULT_WINDOW, memory=None, max_ttl=None, max_clock_skew=300.0):
+    def __init__(self, memory_window=DEFAULT_WINDOW, memory=None, max_ttl=None, max_clock_skew=300.0):
         """
         @param memory: a L{RecentIds} of what was delivered before (a
             subscriber's delivery record), or C{None} to start empty.
         @param max_ttl: the channel class's TTL: no copy counts as living
             longer.
         """
-        self._decided = memory if memory is not None else RecentIds(window)
+        self._decided = memory if memory is not None else RecentIds(memory_window)
         self._ranges = {}
-        self._window = window
+        self._window = memory_window
         self.max_ttl = float("inf") if max_ttl is None else max_ttl
         self.max_clock_skew = max_clock_skew
         self.counters = {"delivered": 0, "duplicate": 0, "stale": 0, "expired": 0}
@@ -136,6 +136,8 @@ class _Voter:
         """
         return []
 
+    fetch_ready = False
+
     def wanted(self, now):
         return []
 
@@ -195,12 +197,12 @@ class FirstCopyVoter(_FirstAcceptable):
 
     name = "first-copy"
 
-    def __init__(self, faults=0, window=DEFAULT_WINDOW, memory=None, max_ttl=None, **context):
+    def __init__(self, faults=0, memory_window=DEFAULT_WINDOW, memory=None, max_ttl=None, **context):
         """
         @param context: what other voters need (scheme, keys, channel,
-            replicas) and this one does not.
+            replicas, credit window) and this one does not.
         """
-        super().__init__(window, memory, max_ttl)
+        super().__init__(memory_window, memory, max_ttl)
 
 
 @implementer(IVoter)
@@ -212,9 +214,9 @@ class SignatureVoter(_FirstAcceptable):
 
     name = "signature"
 
-    def __init__(self, faults=0, window=DEFAULT_WINDOW, scheme=None, keys=None, channel="",
+    def __init__(self, faults=0, memory_window=DEFAULT_WINDOW, scheme=None, keys=None, channel="",
                  memory=None, max_ttl=None, **context):
-        super().__init__(window, memory, max_ttl)
+        super().__init__(memory_window, memory, max_ttl)
         if scheme is None or not scheme.subscriber_verifiable:
             raise ValueError("the signature voter needs a subscriber-verifiable scheme")
         self._check = scheme.check_delivered
@@ -263,26 +265,34 @@ class MatchingCopiesVoter(_Voter):
     or is slow), L{wanted} names the batch and the replicas that vouched for
     it, and the subscriber fetches it from them (L{offer_fetched}).
 
-    Pending memory is bounded in batches and bytes, shared fairly: each
-    publisher may hold at most its share of the undecided batches, so a
-    publisher that sends each replica different batches (none can ever be
-    decided) only pushes out its own; each replica's copies are bounded by
-    the credit the subscriber gave it.  An evicted batch is counted and its
-    key remembered: a later copy of it makes the subscriber ask every
-    replica for it again instead of leaving it one vote short.
+    Pending memory is bounded in batches and bytes, shared fairly.  Each
+    replica's copies are bounded by the credit the subscriber gave it
+    (C{window}); when its undecided copies hold three quarters of that, the
+    oldest batches of the publishers holding the most of them are evicted
+    until half is free, so a publisher that sends each replica different
+    batches (none can ever be decided) pushes out its own and the replica's
+    stream keeps flowing.  Each publisher may also hold at most its share of
+    all undecided batches.  An evicted batch is counted and its key
+    remembered: a later copy of it makes the subscriber ask every replica
+    for it again instead of leaving it one vote short.
     """
 
     name = "f-plus-one"
 
-    def __init__(self, faults=1, window=DEFAULT_WINDOW, scheme=None, keys=None, channel="",
+    def __init__(self, faults=1, memory_window=DEFAULT_WINDOW, scheme=None, keys=None, channel="",
                  replicas=None, max_pending=DEFAULT_MAX_PENDING,
                  max_pending_bytes=DEFAULT_MAX_PENDING_BYTES, publishers=1, memory=None,
-                 max_ttl=None):
+                 max_ttl=None, window=None):
         """
         @param publishers: how many publishers the channel has, for their
             fair shares of pending memory.
+        @param window: C{(events, bytes)}, the credit each replica is given,
+            or C{None} when copies are not credited.
         """
-        super().__init__(window, memory, max_ttl)
+        super().__init__(memory_window, memory, max_ttl)
+        self.window = window
+        self._held = {}
+        self.fetch_ready = False
         self.needed = faults + 1
         self.replicas = replicas or 3 * faults + 1
         self.max_pending = max_pending
@@ -376,12 +386,20 @@ class MatchingCopiesVoter(_Voter):
         voters.append(replica)
         if credited:
             entry.costs[replica] = (events, nbytes)
+            held = self._held.get(replica)
+            if held is None:
+                held = self._held[replica] = [0, 0, {}]
+            held[0] += events
+            held[1] += nbytes
+            held[2][key] = None
         grown = nbytes if full is not None and digest not in entry.fulls else 64
         if full is not None and digest not in entry.fulls:
             entry.fulls[digest] = full
         self._grow(entry, grown)
         self._maybe_decide(key, entry, digest, now, decided)
         self._bound(key)
+        if credited:
+            self._relieve(replica)
 
     def _open(self, key, publisher, deadline, now):
         entry = self._pending[key] = _Pending(publisher, deadline)
@@ -423,6 +441,8 @@ class MatchingCopiesVoter(_Voter):
             self.count("fetch-backlog")
             return
         wanted[key] = [due, list(replicas) if replicas is not None else None]
+        if due <= now:
+            self.fetch_ready = True
 
     def wanted(self, now):
         """
@@ -430,6 +450,7 @@ class MatchingCopiesVoter(_Voter):
         are those that vouched for its digest, or C{None} for all.  A batch
         still undecided is asked for again every L{REFETCH_INTERVAL}.
         """
+        self.fetch_ready = False
         due = []
         for key, want in self._wanted.items():
             if want[0] <= now:
@@ -456,6 +477,7 @@ class MatchingCopiesVoter(_Voter):
         self.pending_bytes -= entry.size
         for replica, (events, nbytes) in entry.costs.items():
             self._credit(replica, events, nbytes)
+            self._unhold(replica, key, events, nbytes)
         if winning is not None:
             for variant, voters in entry.votes.items():
                 if variant != winning:
@@ -471,6 +493,40 @@ class MatchingCopiesVoter(_Voter):
         evicted[key] = entry.deadline
         if len(evicted) > EVICTED_WINDOW:
             del evicted[next(iter(evicted))]
+
+    def _unhold(self, replica, key, events, nbytes):
+        held = self._held[replica]
+        held[0] -= events
+        held[1] -= nbytes
+        del held[2][key]
+
+    def _relieve(self, replica):
+        """
+        When C{replica}'s undecided copies hold three quarters of its window,
+        evict the oldest batches of the publishers holding the most of them
+        until half of the window is free.
+        """
+        window = self.window
+        held = self._held.get(replica)
+        if window is None or held is None:
+            return
+        if held[0] * 4 < window[0] * 3 and held[1] * 4 < window[1] * 3:
+            return
+        pending = self._pending
+        wanted = self._wanted
+        # batches being fetched are about to be decided: their credit comes back then
+        keys = [key for key in held[2] if key not in wanted]
+        shares = {}
+        for key in keys:
+            publisher = pending[key].publisher
+            shares[publisher] = shares.get(publisher, 0) + 1
+        for publisher in sorted(shares, key=shares.get, reverse=True):
+            for key in keys:
+                if held[0] * 2 <= window[0] and held[1] * 2 <= window[1]:
+                    return
+                entry = pending.get(key)
+                if entry is not None and entry.publisher == publisher:
+                    self._evict(key, "evicted:replica-window")
 
     def _bound(self, key):
         """
@@ -502,7 +558,9 @@ class MatchingCopiesVoter(_Voter):
         for key, entry in list(self._pending.items()):
             if not entry.voted(replica):
                 continue
-            entry.costs.pop(replica, None)
+            cost = entry.costs.pop(replica, None)
+            if cost is not None:
+                self._unhold(replica, key, *cost)
             for digest, voters in list(entry.votes.items()):
                 if replica in voters:
                     voters.remove(replica)

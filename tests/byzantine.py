@@ -11,6 +11,7 @@ import random
 from fit_broker.units import BATCH_FIELDS, Delivery, Reply, pack_contents, unpack_contents
 from fit_broker.wire.codec import decode, encode_delivery, encode_reply
 from fit_broker.replica.protocol import ReplicaProtocol
+from fit_broker.replica.service import Replica
 
 
 class _Rewriting:
@@ -175,3 +176,39 @@ def lying_acks(protocol, message):
     if isinstance(message, Reply) and not message.ok and message.seq:
         return [Reply(message.seq, "ok", channel=message.channel)]
     return [message]
+
+
+def bogus_full_copies(per_delivery=20, size=100_000, ttl=1e12):
+    """Send large invented full copies claiming an enormous TTL with each delivery."""
+    counter = [7 * 10**15]
+
+    @_deliveries
+    def rewrite(protocol, delivery):
+        some = delivery.batches[0]
+        bogus = []
+        for _ in range(per_delivery):
+            counter[0] += 1000
+            bogus.append(
+                _with(some, first_id=counter[0], ttl=ttl, payload=pack_contents([b"\0" * size]))
+            )
+        return [delivery, Delivery(delivery.channel, tuple(bogus))]
+
+    return rewrite
+
+
+def requests_to_clients(protocol, message):
+    """Answer everything with request frames and nonsense replies too."""
+    from fit_broker.units import Request
+    from fit_broker.wire.codec import encode_request
+
+    junk = [encode_request(Request(7, "publish", "events")), encode_reply(Reply(0, "error", "x" * 5000))]
+    return [message, *junk]
+
+
+class AcksWithoutStoring(Replica):
+    """A replica that acknowledges every publish and stores nothing."""
+
+    def handle(self, client, request):
+        if request.method == "publish":
+            return Reply(request.seq, "ok", channel=request.channel, info={"appended": 1})
+        return super().handle(client, request)

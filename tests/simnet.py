@@ -80,12 +80,15 @@ class SimNet:
     @ivar down: replicas that refuse connections (killed).
     """
 
-    def __init__(self, config, clock=None, faulty=None, keys=False):
+    def __init__(self, config, clock=None, faulty=None, keys=False, liars=None):
         """
         @param faulty: replica index -> a Byzantine behaviour (see
             L{tests.byzantine}) that rewrites what that replica sends.
         @param keys: generate key rings for every party (HA, PKS, PKE).
+        @param liars: replica index -> a L{Replica} subclass whose broker
+            logic lies (see L{tests.byzantine.AcksWithoutStoring}).
         """
+        self.liars = dict(liars or {})
         self.config = config
         self.clock = clock or Clock()
         self.clock.advance(1_800_000_000)
@@ -104,10 +107,10 @@ class SimNet:
         self.paused = set()
 
     def _replica(self, index):
-        replica = Replica(
+        replica = self.liars.get(index, Replica)(
             self.config, index, self.clock, self.schemes, self.keyrings.get(replica_identity(index))
         )
-        if index in self.faulty:
+        if index in self.faulty or index in self.liars:
             # a Byzantine replica holds every batch and may send any of them in full
             for channel in replica.broker.channels.values():
                 channel.light_copies = None
@@ -120,6 +123,25 @@ class SimNet:
         )
         self.run()
         return session
+
+    def crash_client(self, session):
+        """
+        Kill a client process: its connections close and it runs no more.
+        """
+        session.proxy.on_link_up.clear()
+        session.proxy.on_delivery = lambda index, delivery: None
+        session.subscriber.stop()
+        for link in list(self.pumps):
+            pump = link[1]
+            if pump.client.proxy is session.proxy:
+                pump.clientIO.loseConnection()
+                pump.serverIO.loseConnection()
+                for _ in range(100):
+                    if not pump.pump(advanceClock=False):
+                        break
+                self.pumps.remove(link)
+        session.proxy.stop()
+        self.run()
 
     def run(self, seconds=0.0, steps=200):
         """

@@ -29,7 +29,7 @@ def test_expired_copy_not_delivered():
 
 def test_stale_copies_after_window_are_not_redelivered():
     """A paused replica's old copies, arriving after the window moved on, are counted stale, not delivered."""
-    voter = FirstCopyVoter(window=10)
+    voter = FirstCopyVoter(memory_window=10)
     voter.offer(0, [ev(i) for i in range(100)], NOW)
     late = voter.offer(3, [ev(i) for i in range(50, 60)], NOW)
     assert late == []
@@ -38,7 +38,7 @@ def test_stale_copies_after_window_are_not_redelivered():
 
 def test_floors_are_per_urgency_level():
     """An urgent flood does not make a later routine event of the same publisher look stale."""
-    voter = FirstCopyVoter(window=10)
+    voter = FirstCopyVoter(memory_window=10)
     voter.offer(0, [ev(1000 + i, urgency=3) for i in range(100)], NOW)
     assert [e[1] for e in voter.offer(0, [ev(5, urgency=0)], NOW)] == [5]
 

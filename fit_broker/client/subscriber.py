@@ -37,7 +37,7 @@ class _Stream:
     """
 
     __slots__ = ("tag", "callback", "batches", "busy", "backlog", "outstanding", "owed",
-                 "takeover", "record")
+                 "takeover", "record", "in_hand")
 
     def __init__(self, tag, callback, batches, takeover, record):
         self.tag = tag
@@ -47,6 +47,8 @@ class _Stream:
         self.record = record
         self.busy = False
         self.backlog = []
+        # decided, not yet taken by the application: acknowledged only once it is
+        self.in_hand = set()
         self.outstanding = {}
         self.owed = {}
 
@@ -138,6 +140,7 @@ class Subscriber:
                 publishers=len(self.config.clients) if "*" in publishers else len(publishers),
                 memory=record.seen if record is not None else None,
                 max_ttl=spec.qos.ttl,
+                window=(self.credit, self.credit_bytes),
             )
             if self._tick is None:
                 self._tick = LoopingCall(self._on_tick)
@@ -246,10 +249,15 @@ class Subscriber:
                 accepted.append(batch)
             else:
                 self.count(f"over-credit:replica-{index}")
-        decided = self.voters[stream.tag].offer(index, accepted, self.clock.seconds())
+        voter = self.voters[stream.tag]
+        now = self.clock.seconds()
+        decided = voter.offer(index, accepted, now)
         self._decided(stream, decided)
+        if voter.fetch_ready:
+            self._fetch(stream.tag, voter.wanted(now))
 
     def _decided(self, stream, decided):
+        stream.in_hand.update((batch[0], batch[1]) for batch in decided)
         if stream.busy:
             stream.backlog.extend(decided)
         elif decided:
@@ -269,7 +277,10 @@ class Subscriber:
                 owed[1] += nbytes
         acks = voter.take_acks()
         if acks:
-            self._ack(stream.tag, acks)
+            in_hand = stream.in_hand
+            acks = [key for key in acks if key not in in_hand]
+            if acks:
+                self._ack(stream.tag, acks)
         if not stream.busy:
             self._grant(stream)
 
@@ -280,7 +291,12 @@ class Subscriber:
             for key in keys:
                 if record.was_maybe_repeated(key):
                     self.count("repeated-after-crash")
-            record.handing([(batch[0], batch[1], batch[4]) for batch in decided])
+            try:
+                record.handing([(batch[0], batch[1], batch[4]) for batch in decided])
+            except FitBrokerError as e:
+                # delivering matters more than remembering: hand over, and say so
+                self.count("unrecorded")
+                self.log.warn("cannot record deliveries of {tag}: {why}", tag=stream.tag, why=e)
         try:
             opened = self._open(stream.tag, decided)
             if not stream.batches:
@@ -307,8 +323,12 @@ class Subscriber:
         result.addBoth(done)
 
     def _handed(self, stream, keys):
+        stream.in_hand.difference_update(keys)
         if stream.record is not None:
-            stream.record.handed()
+            try:
+                stream.record.handed()
+            except FitBrokerError:
+                self.count("unrecorded")
         self._ack(stream.tag, keys)
 
     def _callback_failed(self, failure, tag):
