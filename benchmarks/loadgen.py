@@ -168,6 +168,7 @@ async def _subscribe(reactor, args, session):
         "voter": {
             tag: dict(session.subscriber.voters[tag].counters) for tag in channels
         },
+        "subscriber": dict(session.subscriber.counters),
     }
 
 
@@ -188,6 +189,7 @@ def main(argv=None):
     parser.add_argument("--idle", type=float, default=30.0)
     parser.add_argument("--delivered")
     parser.add_argument("--credit", type=int, default=2000)
+    parser.add_argument("--state-dir", default=None, help="record deliveries there (exactly once across restarts)")
     args = parser.parse_args(argv)
 
     from twisted.internet import reactor
@@ -200,6 +202,7 @@ def main(argv=None):
     options = {"timeout": 10.0}
     if args.role == "subscribe":
         options["credit"] = args.credit
+        options["state_dir"] = args.state_dir
     result = {}
 
     async def run():

@@ -64,9 +64,29 @@ def _parser():
 
     tail = commands.add_parser("tail", help="print delivered events as JSON lines")
     common(tail)
-    tail.add_argument("--count", type=int, default=None, help="exit after N events")
     tail.add_argument(
-        "--resume", action="store_true", help="also print what was queued while away"
+        "--count", type=int, default=None,
+        help="exit after N events (the rest of a batch cut short comes again next time)",
+    )
+    tail.add_argument(
+        "--resume", action="store_true",
+        help="print what was queued while away (the default; kept for old scripts)",
+    )
+    tail.add_argument(
+        "--skip-backlog", action="store_true",
+        help="skip what was queued for this client while away, and say how many events",
+    )
+    tail.add_argument(
+        "--takeover", action="store_true",
+        help="replace another connection subscribed as this client (e.g. a half-open one)",
+    )
+    tail.add_argument(
+        "--state-dir", default=None, metavar="DIR",
+        help="where to record what was printed, so a restart never prints it again "
+        "(default: $XDG_STATE_HOME/fitbroker/CLUSTER/CLIENT)",
+    )
+    tail.add_argument(
+        "--no-state", action="store_true", help="record nothing: a restart may print events again"
     )
     tail.add_argument("channels", nargs="+", metavar="CHANNEL")
     tail.set_defaults(run=_tail)
@@ -160,10 +180,10 @@ def _check_channel(config, tag, may, what):
     return spec
 
 
-async def _connect(reactor, config, client):
+async def _connect(reactor, config, client, **options):
     from fit_broker.client.session import open_session
 
-    session = open_session(config, client, reactor)
+    session = open_session(config, client, reactor, **options)
     quorum = max(config.acks_needed(tag) for tag in config.channels) if config.channels else 1
     try:
         await session.proxy.wait_for_links(quorum, CONNECT_TIMEOUT)
@@ -287,38 +307,67 @@ def event_json(tag, event):
     return json.dumps(record, ensure_ascii=False)
 
 
+def _state_dir(args, config, client):
+    if args.no_state:
+        return None
+    if args.state_dir is not None:
+        return args.state_dir
+    from fit_broker.client.delivered import DeliveryRecord
+
+    return os.path.dirname(DeliveryRecord.default_path(config.name, client, "channel"))
+
+
 async def _tail(reactor, args):
     from twisted.internet.defer import Deferred
+
+    from fit_broker.errors import RequestFailed
 
     config, client = _load(args)
     for tag in args.channels:
         _check_channel(config, tag, lambda s: s.may_subscribe(client), "subscribe to")
     if args.count is not None and args.count < 1:
         raise CommandError("--count: expected a positive number")
-    session = await _connect(reactor, config, client)
+    state_dir = _state_dir(args, config, client)
+    session = await _connect(reactor, config, client, state_dir=state_dir)
     finished = Deferred()
     printed = [0]
     out = sys.stdout
 
     def printer(tag):
         def show(events):
-            for event in events:
+            for position, event in enumerate(events):
                 if finished.called:
-                    return
+                    return Deferred()
                 out.write(event_json(tag, event) + "\n")
                 printed[0] += 1
                 if args.count is not None and printed[0] >= args.count:
                     out.flush()
                     finished.callback(None)
-                    return
+                    if position + 1 < len(events):
+                        # not acknowledged: this group comes again, whole, next time
+                        return Deferred()
+                    return None
             out.flush()
 
         return show
 
     try:
         for tag in args.channels:
-            await session.subscriber.subscribe(tag, printer(tag), resume=args.resume)
-        print(f"subscribed to {', '.join(args.channels)} as {client}", file=sys.stderr)
+            try:
+                reply = await session.subscriber.subscribe(
+                    tag, printer(tag), resume=not args.skip_backlog, takeover=args.takeover
+                )
+            except RequestFailed as e:
+                if e.status == "busy":
+                    raise CommandError(f"{e.text}; use --takeover to replace it") from None
+                raise
+            if args.skip_backlog:
+                print(
+                    f"skipped {reply.info.get('skipped', 0)} event(s) queued on {tag} while away",
+                    file=sys.stderr,
+                )
+        where = f"; delivery state in {state_dir}" if state_dir else "; no delivery state kept"
+        print(f"subscribed to {', '.join(args.channels)} as {client}{where}", file=sys.stderr)
         await finished
     finally:
         session.stop()
