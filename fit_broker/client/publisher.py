@@ -28,6 +28,12 @@ class Publisher:
     continues above its earlier ids, and a retried batch keeps its ids and is
     recognised as a duplicate everywhere.
 
+    A retry must resend the very same batch: replicas never decode payloads,
+    so they recognise a batch by its id range and digest, and refuse one
+    whose ids overlap a different batch already accepted from this publisher
+    (C{overlapping-ids}).  Re-batching unacknowledged events under their old
+    ids after a restart is therefore refused, never delivered twice.
+
     @ivar max_in_flight: batches sent and not yet acknowledged at most;
         beyond it batches wait here, which slows the application's Deferreds.
     """
