@@ -92,8 +92,9 @@ class _Voter:
 
     def take_acks(self):
         """
-        Return the keys of copies dropped because their batch was already
-        delivered, which the replicas should forget.
+        Return C{(replica, key)} for each copy dropped because its batch was
+        already delivered: that replica should forget it (it may have missed
+        the acknowledgement, or resent what it had not heard of).
         """
         acks, self._acks = self._acks, []
         return acks
@@ -107,14 +108,14 @@ class _Voter:
         decided = self._decided
         if key in decided:
             self.counters["duplicate"] += 1
-            self._acks.append(key)
+            self._acks.append((replica, key))
             return "duplicate"
         if not self._deadline(batch, now) > now:
             self.counters["expired"] += 1
             return "expired"
         if decided.is_stale(batch[0], batch[4], batch[1]):
             self.counters["stale"] += 1
-            self._acks.append(key)
+            self._acks.append((replica, key))
             return "stale"
         return None
 
@@ -155,36 +156,100 @@ class _Voter:
 class _FirstAcceptable(_Voter):
     """
     Deliver the first full copy of each batch that L{_refusal} accepts.
+
+    Replicas may send only the digest of a batch when others are designated
+    to send it in full; a batch of which only digests came is fetched, after
+    L{FETCH_DELAY}, from the replicas that sent them.
     """
+
+    def __init__(self, memory_window=DEFAULT_WINDOW, memory=None, max_ttl=None):
+        super().__init__(memory_window, memory, max_ttl)
+        self._awaiting = {}
+        self.fetch_ready = False
 
     def _refusal(self, batch):
         return None
 
+    # Every copy is done with as soon as it is offered: the subscriber returns
+    # its credit at once instead of asking L{release}.
+    holds_copies = False
+
     def offer(self, replica, batches, now):
+        decided_ids = self._decided
+        acks = self._acks
+        counters = self.counters
         decided = []
-        events = nbytes = 0
         for batch in batches:
-            events += credit_cost(batch)
-            nbytes += batch_bytes(batch)
-            if self._screen(replica, batch, now) is not None:
+            key = (batch[0], batch[1])
+            if key in decided_ids:
+                # the common case: a later copy of what another replica sent
+                counters["duplicate"] += 1
+                acks.append((replica, key))
+            else:
+                self._take(replica, batch, now, decided)
+        counters["delivered"] += len(decided)
+        return decided
+
+    def _take(self, replica, batch, now, decided):
+        if self._screen(replica, batch, now) is not None:
+            return
+        key = (batch[0], batch[1])
+        if not batch[5]:
+            awaiting = self._awaiting.get(key)
+            if awaiting is None:
+                if len(self._awaiting) >= MAX_WANTED:
+                    self.count("fetch-backlog")
+                    return
+                self._awaiting[key] = [now + FETCH_DELAY, [replica], self._deadline(batch, now)]
+            elif replica not in awaiting[1]:
+                awaiting[1].append(replica)
+            return
+        reason = self._refusal(batch)
+        if reason is not None:
+            self.count(f"{reason}:replica-{replica}")
+            return
+        # the first acceptable copy is the batch: its id range is all that
+        # can conflict with another, so no digest is needed
+        count = credit_cost(batch)
+        if self._conflicts(batch, count, b""):
+            self.count(f"overlapping-ids:replica-{replica}")
+            return
+        if self._awaiting:
+            self._awaiting.pop(key, None)
+        self._remember(batch, count, b"")
+        decided.append(batch)
+
+    def offer_fetched(self, replica, batches, now):
+        decided = []
+        for batch in batches:
+            if (batch[0], batch[1]) not in self._awaiting or not batch[5]:
+                self.count("late-fetch")
                 continue
-            if not batch[5]:
-                self.count("digest-only")
-                continue
-            reason = self._refusal(batch)
-            if reason is not None:
-                self.count(f"{reason}:replica-{replica}")
-                continue
-            digest = batch_digest(batch)
-            count = credit_cost(batch)
-            if self._conflicts(batch, count, digest):
-                self.count(f"overlapping-ids:replica-{replica}")
-                continue
-            self._remember(batch, count, digest)
-            decided.append(batch)
-        self._credit(replica, events, nbytes)
+            self._take(replica, batch, now, decided)
         self.counters["delivered"] += len(decided)
         return decided
+
+    def wanted(self, now):
+        """
+        Return C{(key, replicas)} for each batch of which only digests came
+        for L{FETCH_DELAY}; asked again every L{REFETCH_INTERVAL}.
+        """
+        self.fetch_ready = False
+        due = []
+        for key, awaiting in self._awaiting.items():
+            if awaiting[0] <= now:
+                due.append((key, awaiting[1]))
+                awaiting[0] = now + REFETCH_INTERVAL
+        return due
+
+    def expire(self, now):
+        """
+        Forget batches awaited in full whose deadline passed, counting each.
+        """
+        awaiting = self._awaiting
+        for key in [k for k, a in awaiting.items() if not a[2] > now]:
+            del awaiting[key]
+            self.counters["expired"] += 1
 
 
 @implementer(IVoter)
@@ -278,6 +343,7 @@ class MatchingCopiesVoter(_Voter):
     """
 
     name = "f-plus-one"
+    holds_copies = True
 
     def __init__(self, faults=1, memory_window=DEFAULT_WINDOW, scheme=None, keys=None, channel="",
                  replicas=None, max_pending=DEFAULT_MAX_PENDING,

@@ -27,6 +27,11 @@ TICK = 0.1
 VOTER_EXPIRY_INTERVAL = 1.0
 # Batch identities per acknowledgement frame (replicas read at most 4,096).
 ACK_CHUNK = 4096
+# Seconds after a link comes up during which copies of batches already
+# delivered are acknowledged to their sender: it resends what it had not
+# heard of before the link (re)opened.  Later ones were acknowledged to it
+# with everyone else, in order on the same link.
+RESEND_WINDOW = 30.0
 
 
 class _Stream:
@@ -98,6 +103,7 @@ class Subscriber:
         self._opened = {}
         self._acks = {}
         self._ack_call = None
+        self._linked_at = {}
         self._tick = None
         self._last_expiry = 0.0
         proxy.on_delivery = self._delivery
@@ -223,6 +229,7 @@ class Subscriber:
         return self.proxy.invoke(request, self.config.acks_needed(tag), retry=False)
 
     def _link_up(self, index):
+        self._linked_at[index] = self.clock.seconds()
         for tag, stream in self._streams.items():
             # the replica sends again what was not acknowledged: its old copies go
             self.voters[tag].forget_replica(index)
@@ -242,14 +249,23 @@ class Subscriber:
             self.proxy.count(f"delivery-from-unknown-replica:{index}")
             return
         accepted = []
+        events = nbytes = 0
         for batch in delivery.batches:
             if outstanding[0] > 0 and outstanding[1] > 0:
-                outstanding[0] -= credit_cost(batch)
-                outstanding[1] -= batch_bytes(batch)
+                cost = credit_cost(batch)
+                size = batch_bytes(batch)
+                outstanding[0] -= cost
+                outstanding[1] -= size
+                events += cost
+                nbytes += size
                 accepted.append(batch)
             else:
                 self.count(f"over-credit:replica-{index}")
         voter = self.voters[stream.tag]
+        if not voter.holds_copies:
+            owed = stream.owed[index]
+            owed[0] += events
+            owed[1] += nbytes
         now = self.clock.seconds()
         decided = voter.offer(index, accepted, now)
         self._decided(stream, decided)
@@ -278,9 +294,11 @@ class Subscriber:
         acks = voter.take_acks()
         if acks:
             in_hand = stream.in_hand
-            acks = [key for key in acks if key not in in_hand]
-            if acks:
-                self._ack(stream.tag, acks)
+            recent = self.clock.seconds() - RESEND_WINDOW
+            linked_at = self._linked_at
+            for index, key in acks:
+                if key not in in_hand and linked_at.get(index, 0.0) > recent:
+                    self._ack(stream.tag, (key,), index)
         if not stream.busy:
             self._grant(stream)
 
@@ -334,10 +352,13 @@ class Subscriber:
     def _callback_failed(self, failure, tag):
         self.log.failure("the application failed on events of {tag}", failure, tag=tag)
 
-    def _ack(self, tag, keys):
-        pending = self._acks.get(tag)
+    def _ack(self, tag, keys, index=None):
+        """
+        Acknowledge C{keys} to every replica, or to replica C{index} only.
+        """
+        pending = self._acks.get((tag, index))
         if pending is None:
-            self._acks[tag] = list(keys)
+            self._acks[(tag, index)] = list(keys)
         else:
             pending.extend(keys)
         if self._ack_call is None:
@@ -350,10 +371,10 @@ class Subscriber:
         """
         self._ack_call = None
         acks, self._acks = self._acks, {}
-        for tag, keys in acks.items():
+        for (tag, only), keys in acks.items():
             for start in range(0, len(keys), ACK_CHUNK):
                 request = Request(0, units.ACK, tag, options={"keys": keys[start : start + ACK_CHUNK]})
-                for index in list(self.proxy.links):
+                for index in list(self.proxy.links) if only is None else (only,):
                     self.proxy.send(index, request)
 
     def _grant(self, stream):
