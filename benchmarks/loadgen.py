@@ -133,6 +133,7 @@ async def _subscribe(reactor, args, session):
                     lines.append(f"{tag} {event.event_id} {crc32(event.content):08x}\n")
             if delivered_file:
                 delivered_file.write("".join(lines))
+                delivered_file.flush()  # written before the hand-over is recorded, for crash tests
             if args.expect and state["delivered"] >= args.expect and not done.called:
                 done.callback(None)
 

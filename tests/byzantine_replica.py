@@ -3,6 +3,12 @@ A Byzantine replica process for loopback tests: a real replica whose
 outgoing frames a behaviour of L{tests.byzantine} rewrites.
 
     python -m tests.byzantine_replica CONFIG INDEX BEHAVIOUR
+
+BEHAVIOUR is one of alter, forge, replay, garbage, withhold (send nothing to
+subscribers), acks-without-storing (acknowledge every publish and store
+nothing), bogus-copies (100 KB invented full copies claiming a TTL of 1e12 s
+with each delivery) and requests-to-clients (request frames and long error
+replies with everything sent).
 """
 
 import sys
@@ -22,16 +28,25 @@ def main(argv):
     from fit_broker.schemes.registry import scheme_lookup
     from tests import byzantine
 
+    def unchanged(protocol, message):
+        return [message]
+
     behaviours = {
         "alter": lambda: byzantine.alter,
         "forge": byzantine.forge_events,
         "replay": byzantine.replay,
         "garbage": byzantine.garbage,
         "withhold": lambda: byzantine.withhold,
+        "acks-without-storing": lambda: unchanged,
+        "bogus-copies": byzantine.bogus_full_copies,
+        "requests-to-clients": lambda: byzantine.requests_to_clients,
     }
+    if name not in behaviours:
+        sys.exit(f"unknown behaviour {name!r}; known: {', '.join(behaviours)}")
+    kind = byzantine.AcksWithoutStoring if name == "acks-without-storing" else Replica
     config = load_config(config_path)
     keys, tls_options, identify = replica_credentials(config, index)
-    replica = Replica(config, index, reactor, scheme_lookup(config), keys, identify)
+    replica = kind(config, index, reactor, scheme_lookup(config), keys, identify)
     for channel in replica.broker.channels.values():
         channel.light_copies = None
     behaviour = behaviours[name]()
