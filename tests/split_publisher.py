@@ -39,8 +39,8 @@ def main(argv):
                 for n in range(start, min(total, start + step)):
                     tag = channels[n % len(channels)]
                     scheme = publisher.schemes(config.channels[tag].scheme)
-                    batch = (client, base + n, reactor.seconds(), 0.0, 0, pack_contents([b"junk %d" % n]), b"")
-                    batch = (*batch[:3], config.channels[tag].qos.ttl, *batch[4:])
+                    ttl = config.channels[tag].qos.ttl
+                    batch = (client, base + n, reactor.seconds(), ttl, 0, pack_contents([b"junk %d" % n]), b"")
                     batch = scheme.protect(publisher.keys, tag, batch)
                     session.proxy.send(n % replicas, Request(0, units.PUBLISH, tag, 0, (batch,)))
                     result["sent"] += 1
