@@ -336,15 +336,16 @@ async def _tail(reactor, args):
     def printer(tag):
         def show(events):
             for position, event in enumerate(events):
-                if finished.called:
+                if args.count is not None and printed[0] >= args.count:
+                    # not acknowledged: this group comes again, whole, next time
                     return Deferred()
                 out.write(event_json(tag, event) + "\n")
                 printed[0] += 1
                 if args.count is not None and printed[0] >= args.count:
                     out.flush()
-                    finished.callback(None)
+                    # finish once this group is recorded as printed
+                    reactor.callLater(0, lambda: finished.called or finished.callback(None))
                     if position + 1 < len(events):
-                        # not acknowledged: this group comes again, whole, next time
                         return Deferred()
                     return None
             out.flush()

@@ -475,12 +475,6 @@ def test_bogus_full_copies_stay_within_the_subscribers_credit(run):
     run.check_memory(["sub"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fitbroker tail --count fires its finish synchronously inside the application callback, so the "
-    "session (and its delivery record) closes before the last group is recorded as handed; a restart prints "
-    "that group again",
-)
 def test_tail_count_records_its_last_group(run):
     """A `fitbroker tail --count N` that stopped at the end of a group prints none of it again when restarted with the same state folder."""
     config = run.cluster()
