@@ -2,16 +2,20 @@
 L2, client side: the service proxy that talks to every replica at once.
 """
 
+import os
 from collections import Counter, OrderedDict
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from fit_broker import units
 from fit_broker.errors import NoQuorum, ProtocolError, RequestFailed
+from fit_broker.ratelimit import RateLimitedLog, shorten
 from fit_broker.units import Delivery, Reply, Request
 from fit_broker.wire.codec import decode, encode_request
 from fit_broker.wire.framing import DEFAULT_MAX_FRAME, FrameDecoder
@@ -20,9 +24,26 @@ DEFAULT_TIMEOUT = 30.0
 MAX_UNANSWERED = 4096
 
 
+class _BadLink(Exception):
+    """
+    A replica sent something no correct replica sends.
+    """
+
+    def __init__(self, reason, text):
+        super().__init__(text)
+        self.reason = reason
+        self.text = text
+
+
 class ReplicaLink(Protocol):
     """
     The client's connection to one replica: says hello, then moves frames.
+
+    Replicas may be faulty or hostile: whatever one sends that a correct
+    replica would not (a request, a delivery or a stray reply before the
+    hello is answered, bytes that do not decode, something that breaks while
+    being handled) is counted, logged within a rate and answered by hanging
+    up; the proxy's service reconnects with backoff.
     """
 
     log = Logger()
@@ -32,39 +53,111 @@ class ReplicaLink(Protocol):
         self.index = index
         self.decoder = FrameDecoder(DEFAULT_MAX_FRAME)
         self.ready = False
+        self._answered = False
+        self._reset = False
 
     def connectionMade(self):
         self.transport.write(
-            encode_request(Request(0, units.HELLO, options={"client": self.proxy.client}))
+            encode_request(
+                Request(
+                    0,
+                    units.HELLO,
+                    options={"client": self.proxy.client, "session": self.proxy.session},
+                )
+            )
         )
 
     def dataReceived(self, data):
+        if self._reset:
+            return
         try:
             for payload in self.decoder.feed(data):
                 message = decode(payload)
-                if type(message) is Delivery:
-                    self.proxy.delivery_received(self.index, message)
-                elif not self.ready:
+                kind = type(message)
+                if kind is Request:
+                    raise _BadLink("request-from-replica", f"a {shorten(message.method, 40)!r} request")
+                if not self.ready:
+                    if kind is Delivery:
+                        raise _BadLink("delivery-before-hello", "a delivery before answering the hello")
                     self._hello_reply(message)
+                elif kind is Delivery:
+                    self.proxy.delivery_received(self.index, message)
                 else:
                     self.proxy.reply_received(self.index, message)
+                if self._reset:
+                    return
         except ProtocolError as e:
-            self.proxy.count(f"bad-frame:replica-{self.index}")
-            self.log.warn("replica {index} sent a bad frame: {e}", index=self.index, e=e)
-            self.transport.loseConnection()
+            self._fail("bad-frame", f"a bad frame: {e}")
+        except _BadLink as e:
+            self._fail(e.reason, e.text)
+        except Exception as e:
+            self._fail("handling-error", f"a frame that failed in handling: {type(e).__name__}: {e}")
+
+    def _fail(self, reason, text):
+        """
+        Count and log what the replica did, and hang up.
+        """
+        self.proxy.count(f"{reason}:replica-{self.index}")
+        self.proxy.warnings.warn(
+            f"{reason}:replica-{self.index}",
+            "replica {index} sent {what}; reconnecting",
+            index=self.index,
+            what=text,
+        )
+        self._reset = True
+        if self.ready:
+            self.ready = False
+            self.proxy.link_down(self.index, self)
+        elif not self._answered:
+            self._answered = True
+            self.proxy.connect_failed(self.index, f"bad hello reply: {text}")
+        self.transport.loseConnection()
 
     def _hello_reply(self, reply):
+        if reply.seq != 0:
+            raise _BadLink("bad-hello", f"a reply to request {reply.seq} before answering the hello")
         if reply.ok:
+            claimed = reply.info.get("replica", self.index)
+            if claimed != self.index:
+                raise _BadLink("bad-hello", f"a hello reply as replica {shorten(claimed)!r}")
+            self._answered = True
             self.ready = True
             self.proxy.link_up(self.index, self)
         else:
+            self._answered = True
             self.proxy.link_refused(self.index, reply.text)
+            self._reset = True
             self.transport.loseConnection()
 
     def connectionLost(self, reason):
         if self.ready:
             self.ready = False
             self.proxy.link_down(self.index, self)
+        elif not self._answered:
+            self._answered = True
+            self.proxy.connect_failed(
+                self.index, f"connection lost before hello: {reason.getErrorMessage()}"
+            )
+
+
+@implementer(IStreamClientEndpoint)
+class _ReportingEndpoint:
+    """
+    A client endpoint that tells the proxy when a connection attempt fails,
+    so that waiting for links can give up once enough replicas refuse.
+    """
+
+    def __init__(self, endpoint, proxy, index):
+        self.endpoint = endpoint
+        self.proxy = proxy
+        self.index = index
+
+    def connect(self, factory):
+        def failed(failure):
+            self.proxy.connect_failed(self.index, failure.getErrorMessage())
+            return failure
+
+        return self.endpoint.connect(factory).addErrback(failed)
 
 
 class _LinkFactory(Factory):
@@ -124,7 +217,10 @@ class ServiceProxy:
         self.replicas = len(config.replicas)
         self.links = {}
         self.refusals = {}
+        self.unreachable = {}
         self.counters = {}
+        self.session = os.urandom(8).hex()
+        self.warnings = RateLimitedLog(self.log, reactor)
         self.on_link_up = []
         self.on_delivery = lambda index, delivery: None
         self._unanswered = {index: OrderedDict() for index in range(self.replicas)}
@@ -142,7 +238,10 @@ class ServiceProxy:
         policy = backoffPolicy(initialDelay=0.1, maxDelay=5.0, factor=2.0)
         for index, endpoint in enumerate(self._endpoints):
             service = ClientService(
-                endpoint, _LinkFactory(self, index), retryPolicy=policy, clock=self.reactor
+                _ReportingEndpoint(endpoint, self, index),
+                _LinkFactory(self, index),
+                retryPolicy=policy,
+                clock=self.reactor,
             )
             service.startService()
             self._services.append(service)
@@ -159,7 +258,9 @@ class ServiceProxy:
     def wait_for_links(self, count, timeout):
         """
         Return a Deferred that fires once C{count} links are ready, or fails
-        with L{NoQuorum} after C{timeout} seconds saying what was tried.
+        with L{NoQuorum} saying what was tried: after C{timeout} seconds, or
+        as soon as so many replicas refused or failed their latest
+        connection attempt that C{count} cannot be reached.
         """
         d = Deferred()
         if len(self.links) >= count:
@@ -173,7 +274,37 @@ class ServiceProxy:
 
         waiter[2] = self.reactor.callLater(timeout, expired)
         self._ready_waiters.append(waiter)
+        self._check_hopeless()
         return d
+
+    def _failed_replicas(self):
+        """
+        Replicas that are not linked and whose latest attempt failed or was refused.
+        """
+        return {
+            index
+            for index in list(self.unreachable) + list(self.refusals)
+            if index not in self.links
+        }
+
+    def _check_hopeless(self):
+        """
+        Fail the waiters whose count of links can no longer be reached.
+        """
+        failed = len(self._failed_replicas())
+        for waiter in list(self._ready_waiters):
+            if failed >= self.replicas - waiter[0] + 1:
+                self._ready_waiters.remove(waiter)
+                waiter[2].cancel()
+                waiter[1].errback(NoQuorum(self._reachability(waiter[0])))
+
+    def connect_failed(self, index, why):
+        """
+        Note that the latest attempt to reach replica C{index} failed.
+        """
+        self.count(f"connect-failed:replica-{index}")
+        self.unreachable[index] = shorten(why)
+        self._check_hopeless()
 
     def _reachability(self, count):
         where = ", ".join(spec.connect for spec in self.config.replicas)
@@ -182,13 +313,20 @@ class ServiceProxy:
             text += "; refused: " + "; ".join(
                 f"replica {index}: {why}" for index, why in sorted(self.refusals.items())
             )
-        elif not self.links:
+        unreachable = {i: why for i, why in self.unreachable.items() if i not in self.refusals}
+        if unreachable:
+            text += "; unreachable: " + "; ".join(
+                f"replica {index} at {self.config.replicas[index].connect}: {why}"
+                for index, why in sorted(unreachable.items())
+            )
+        elif not self.links and not self.refusals:
             text += "; is the cluster running?"
         return text
 
     def link_up(self, index, link):
         self.links[index] = link
         self.refusals.pop(index, None)
+        self.unreachable.pop(index, None)
         for waiter in list(self._ready_waiters):
             if len(self.links) >= waiter[0]:
                 self._ready_waiters.remove(waiter)
@@ -205,8 +343,16 @@ class ServiceProxy:
             del self.links[index]
 
     def link_refused(self, index, text):
+        text = shorten(text)
         self.refusals[index] = text
         self.count("refused-hello")
+        self.warnings.warn(
+            f"refused-hello:replica-{index}",
+            "replica {index} refused our hello: {text}",
+            index=index,
+            text=text,
+        )
+        self._check_hopeless()
         for pending in list(self._unanswered[index].values()):
             self._record(index, pending, Reply(pending.request.seq, "unauthorized", text))
 
@@ -265,7 +411,14 @@ class ServiceProxy:
         pending = self._unanswered[index].pop(reply.seq, None)
         if pending is None:
             if reply.seq == 0 and not reply.ok:
-                self.log.warn("replica {index} reports: {text}", index=index, text=reply.text)
+                self.count(f"error-report:replica-{index}")
+                self.warnings.warn(
+                    f"error-report:replica-{index}",
+                    "replica {index} reports: {text}",
+                    index=index,
+                    text=reply.text,
+                )
+                return
             self.count("unexpected-reply")
             return
         self._record(index, pending, reply)

@@ -5,15 +5,18 @@ The replica's end of a client connection.
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import implementer
 
 from fit_broker import units
 from fit_broker.errors import ProtocolError, Status
+from fit_broker.ratelimit import shorten
 from fit_broker.units import Reply, Request, credit_cost
 from fit_broker.wire.codec import decode, encode_delivery, encode_reply
 from fit_broker.wire.framing import FrameDecoder
 
 DELIVERY_EVENTS = 400
+CLOSE_GRACE = 5.0
 
 
 @implementer(IPushProducer)
@@ -40,34 +43,139 @@ class ReplicaProtocol(Protocol):
         self._closed = False
         self._refused = False
         self._ready = set()
+        # until hello, only small frames: unknown peers cannot make us buffer much
+        self.decoder.max_frame = min(replica.max_frame, replica.pre_hello_max_frame)
+        self._joined = False
+        self._backlog = []
+        self._reading_paused = False
+        self._hello_timer = None
+        self._close_timer = None
 
     def connectionMade(self):
+        problem = self.replica.connection_opened(self)
+        if problem is not None:
+            self._closed = self._refused = True
+            self.transport.abortConnection()
+            return
         self.transport.registerProducer(self, True)
+        self._hello_timer = self.replica.clock.callLater(
+            self.replica.hello_timeout, self._hello_overdue
+        )
 
     def dataReceived(self, data):
         if self._closed:
             return
         try:
-            payloads = self.decoder.feed(data)
-            for payload in payloads:
-                message = decode(payload)
-                if type(message) is not Request:
-                    raise ProtocolError("clients may only send requests")
-                self._request(message)
-                if self._closed:
-                    return
+            self._backlog.extend(self._frames(data))
+            self._handle_backlog()
         except ProtocolError as e:
             self._reject(str(e))
 
+    def _frames(self, data):
+        """
+        Split C{data} into frame payloads.  Before hello only small frames
+        are taken; a hello may still share a read with a larger frame behind
+        it, which is taken once the hello is (the hello is handled first).
+        """
+        decoder = self.decoder
+        try:
+            return decoder.feed(data)
+        except ProtocolError:
+            if self.client is not None:
+                raise
+            # on error the decoder kept every byte: look again with the full
+            # limit, and go on only if the first frame is a small one
+            decoder.max_frame = self.replica.max_frame
+            payloads = decoder.feed(b"")
+            if not payloads or len(payloads[0]) > self.replica.pre_hello_max_frame:
+                raise
+            return payloads
+
+    def _handle_backlog(self):
+        """
+        Handle received frames in order until reading is paused because the
+        peer does not read our replies; the rest wait for L{resumeProducing}.
+        """
+        payloads, self._backlog = self._backlog, []
+        for position, payload in enumerate(payloads):
+            if self._reading_paused:
+                self._backlog = payloads[position:]
+                return
+            message = decode(payload)
+            if type(message) is not Request:
+                raise ProtocolError("clients may only send requests")
+            self._request(message)
+            if self._closed:
+                return
+            if not self._joined:
+                if self.client is None:
+                    self.decoder.max_frame = min(
+                        self.replica.max_frame, self.replica.pre_hello_max_frame
+                    )
+                else:
+                    self._said_hello()
+
+    def _said_hello(self):
+        """
+        The hello was accepted: lift the small frame limit and stop the clock.
+        """
+        self._joined = True
+        self.decoder.max_frame = self.replica.max_frame
+        self.replica.client_joined(self, self.client)
+        if self._hello_timer is not None and self._hello_timer.active():
+            self._hello_timer.cancel()
+        self._hello_timer = None
+
+    def _hello_overdue(self):
+        self._hello_timer = None
+        if self.client is not None:
+            return
+        if not self._closed:
+            self.replica.hello_overdue(self)
+        self._closed = self._refused = True
+        self.transport.abortConnection()
+
+    def evict(self, why):
+        """
+        Close this connection at once, without a word (it has not said hello).
+        """
+        self._closed = self._refused = True
+        self.transport.abortConnection()
+
+    def hang_up(self):
+        """
+        Close once what was written is sent.  Under TLS a registered
+        producer holds the connection open until it unregisters, so this
+        protocol unregisters first.
+        """
+        try:
+            self.transport.unregisterProducer()
+        except RuntimeError:
+            pass  # none registered (a test transport says so loudly)
+        self.transport.loseConnection()
+
+    def peer(self):
+        """
+        Who is at the other end, for logs: the client name once known.
+        """
+        return self._peer()
+
     def _reject(self, reason):
         """
-        Count a malformed frame, tell the peer why, and hang up.
+        Count a malformed frame, tell the peer why, and hang up (at once if
+        it does not read what is left within L{CLOSE_GRACE} seconds).
         """
         self.replica.count("bad-frame")
-        self.log.warn("dropping connection from {peer}: {reason}", peer=self._peer(), reason=reason)
-        self.transport.write(encode_reply(Reply(0, Status.BAD_REQUEST, reason)))
+        self.replica.warnings.warn(
+            "bad-frame", "dropping connection from {peer}: {reason}", peer=self._peer(), reason=reason
+        )
+        self.transport.write(encode_reply(Reply(0, Status.BAD_REQUEST, shorten(reason))))
         self._closed = self._refused = True
-        self.transport.loseConnection()
+        self.hang_up()
+        if self._close_timer is None:
+            self._close_timer = self.replica.clock.callLater(
+                CLOSE_GRACE, self.transport.abortConnection
+            )
 
     def _peer(self):
         return self.client or str(self.transport.getPeer())
@@ -151,11 +259,44 @@ class ReplicaProtocol(Protocol):
 
     def pauseProducing(self):
         self._paused = True
+        self._pause_reading()
+
+    def _reader(self):
+        """
+        The transport that reads the socket: below TLS when TLS wraps us.
+        """
+        transport = self.transport
+        while isinstance(transport, ProtocolWrapper):
+            transport = transport.transport
+        return transport
+
+    def _pause_reading(self):
+        """
+        Our replies are not being read: read no more requests until they are,
+        so that a peer cannot make the write buffer grow without bound.
+        """
+        if not self._reading_paused and not self._closed:
+            self._reading_paused = True
+            self.replica.count("reading-paused")
+            self._reader().pauseProducing()
+
+    def _resume_reading(self):
+        if not self._reading_paused or self._closed:
+            return
+        self._reading_paused = False
+        try:
+            self._handle_backlog()
+        except ProtocolError as e:
+            self._reject(str(e))
+            return
+        if not self._reading_paused and not self._closed:
+            self._reader().resumeProducing()
 
     def resumeProducing(self):
         self._paused = False
         for tag in self.credits:
             self.schedule_flush(tag)
+        self._resume_reading()
 
     def stopProducing(self):
         self._closed = True
@@ -164,6 +305,11 @@ class ReplicaProtocol(Protocol):
         if self.client is None and not self._refused:
             self.replica.link_failed(str(self.transport.getPeer()), reason.getErrorMessage())
         self._closed = True
+        self.replica.connection_closed(self)
+        for timer in (self._hello_timer, self._close_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._hello_timer = self._close_timer = None
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None

@@ -2,6 +2,8 @@
 A replica as a Twisted service: the broker service behind a listening endpoint.
 """
 
+import resource
+
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
@@ -11,6 +13,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from fit_broker import units
 from fit_broker.broker.service import BrokerService
 from fit_broker.listening import MustListen
+from fit_broker.ratelimit import RateLimitedLog, shorten
 from fit_broker.metrics import metrics_service, replica_families
 from fit_broker.errors import Status
 from fit_broker.units import Reply
@@ -19,6 +22,24 @@ from fit_broker.wire.framing import DEFAULT_MAX_FRAME
 
 EXPIRY_INTERVAL = 1.0
 LOGGED_REFUSALS = 20
+HELLO_TIMEOUT = 10.0
+PRE_HELLO_MAX_FRAME = 64 * 1024
+MAX_PRE_HELLO = 128
+MAX_PER_CLIENT = 32
+DESCRIPTOR_MARGIN = 64
+DEFAULT_MAX_CONNECTIONS = 1024 - DESCRIPTOR_MARGIN
+
+
+def connection_limit(margin=DESCRIPTOR_MARGIN, getrlimit=resource.getrlimit):
+    """
+    Return how many client connections this process can hold: its soft
+    descriptor limit less C{margin} for log files, listeners and the like,
+    so that accepting never fails for want of a descriptor.
+    """
+    soft, _ = getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        soft = 1 << 20
+    return max(1, soft - margin)
 
 
 class Replica:
@@ -28,10 +49,30 @@ class Replica:
 
     log = Logger()
 
-    def __init__(self, config, index, clock, schemes, keys=None, identify=None):
+    def __init__(
+        self,
+        config,
+        index,
+        clock,
+        schemes,
+        keys=None,
+        identify=None,
+        hello_timeout=HELLO_TIMEOUT,
+        max_connections=DEFAULT_MAX_CONNECTIONS,
+        max_pre_hello=MAX_PRE_HELLO,
+        max_per_client=MAX_PER_CLIENT,
+    ):
         """
         @param identify: a callable from transport to the client name its TLS
             certificate proves, or C{None} when links are not authenticated.
+        @param hello_timeout: seconds a connection may take to complete its
+            hello (TLS handshake included) before it is closed.
+        @param max_connections: connections held at once; more are refused
+            as they arrive (see L{connection_limit}).
+        @param max_pre_hello: connections that have not said hello yet; past
+            it the oldest of them is closed, so idle sockets cannot lock out
+            a client that says hello promptly.
+        @param max_per_client: connections one client name may hold.
         """
         self.config = config
         self.index = index
@@ -44,6 +85,16 @@ class Replica:
         self.broker.on_ready = self._ready
         self.streams = {}
         self.counters = {}
+        self.hello_timeout = hello_timeout
+        self.pre_hello_max_frame = PRE_HELLO_MAX_FRAME
+        self.max_connections = max_connections
+        self.max_pre_hello = max_pre_hello
+        self.max_per_client = max_per_client
+        self.connections = set()
+        self.pre_hello = {}
+        self.joined = {}
+        self.per_client = {}
+        self.warnings = RateLimitedLog(self.log, clock)
 
     def count(self, reason):
         self.counters[reason] = self.counters.get(reason, 0) + 1
@@ -53,7 +104,10 @@ class Replica:
         Return why client C{name} may not connect, or C{None}.
         """
         if type(name) is not str or name not in self.config.clients:
-            return f"unknown client {name!r}: the control table does not name it"
+            return f"unknown client {shorten(name)!r}: the control table does not name it"
+        if self.per_client.get(name, 0) >= self.max_per_client:
+            self.count("refused-client-limit")
+            return f"client {name!r} already holds {self.max_per_client} connections, the most allowed"
         if self.identify is not None:
             proven = self.identify(transport)
             if proven != name:
@@ -97,13 +151,85 @@ class Replica:
                 seen=seen,
             )
 
+    def connection_opened(self, protocol):
+        """
+        Account for a new connection; return why it must be refused at
+        once, or C{None}.  Makes room among the connections that have not
+        said hello yet by closing the oldest of them.
+        """
+        if len(self.connections) >= self.max_connections:
+            self.count("refused-connection-limit")
+            self.warnings.warn(
+                "connection-limit",
+                "refusing connection from {peer}: {limit} connections open, the most allowed",
+                peer=protocol.peer(),
+                limit=self.max_connections,
+            )
+            return f"replica {self.index} holds {self.max_connections} connections, the most allowed"
+        if len(self.pre_hello) >= self.max_pre_hello:
+            oldest = next(iter(self.pre_hello))
+            self.pre_hello.pop(oldest)
+            self.count("evicted-before-hello")
+            self.warnings.warn(
+                "evicted-before-hello",
+                "closing connection from {peer}: {limit} connections are waiting for "
+                "their hello and it is the oldest",
+                peer=oldest.peer(),
+                limit=self.max_pre_hello,
+            )
+            oldest.evict("too many connections waiting for their hello")
+        self.connections.add(protocol)
+        self.pre_hello[protocol] = None
+        return None
+
+    def client_joined(self, protocol, name):
+        """
+        Note that C{protocol}'s hello as C{name} was accepted.
+        """
+        if protocol in self.connections and protocol not in self.joined:
+            self.pre_hello.pop(protocol, None)
+            self.joined[protocol] = name
+            self.per_client[name] = self.per_client.get(name, 0) + 1
+
+    def connection_closed(self, protocol):
+        """
+        Forget a connection that ended.
+        """
+        self.connections.discard(protocol)
+        self.pre_hello.pop(protocol, None)
+        name = self.joined.pop(protocol, None)
+        if name is not None:
+            left = self.per_client[name] - 1
+            if left:
+                self.per_client[name] = left
+            else:
+                del self.per_client[name]
+
+    def hello_overdue(self, protocol):
+        """
+        Count and log a connection closed for not completing its hello in time.
+        """
+        self.count("hello-timeout")
+        self.warnings.warn(
+            "hello-timeout",
+            "closing connection from {peer}: no hello within {timeout:g} s",
+            peer=protocol.peer(),
+            timeout=self.hello_timeout,
+        )
+
     def link_failed(self, peer, reason):
         """
         Count and log a connection that ended before the client said who it
         is, such as a TLS handshake refused for a certificate of another CA.
         """
         self.count("closed-before-hello")
-        self.log.warn("connection from {peer} ended before hello: {reason}", peer=peer, reason=reason)
+        self.warnings.warn(
+            "closed-before-hello",
+            "connection from {peer} ended before hello: {reason}",
+            peer=peer,
+            reason=reason,
+        )
+
 
     def add_stream(self, tag, protocol):
         self.streams.setdefault(tag, set()).add(protocol)
@@ -130,8 +256,17 @@ class Replica:
 
 
 def make_replica_service(
-    config, index, reactor, schemes, keys=None, endpoint=None, identify=None, tls_options=None,
+    config,
+    index,
+    reactor,
+    schemes,
+    keys=None,
+    endpoint=None,
+    identify=None,
+    tls_options=None,
+    max_connections=None,
     metrics=None,
+    **limits,
 ):
     """
     Return a service running replica C{index} of C{config}.
@@ -139,10 +274,18 @@ def make_replica_service(
     @param endpoint: a server endpoint to use instead of the configured one.
     @param tls_options: when given, every connection runs mutual TLS with
         them, and C{identify} reads the client's name from its certificate.
+    @param max_connections: connections held at once; by default what the
+        process's descriptor limit allows (L{connection_limit}).
     @param metrics: a server endpoint string to serve Prometheus metrics
         on instead of the configured one (C{[[replicas]] metrics}).
+    @param limits: C{hello_timeout}, C{max_pre_hello}, C{max_per_client}
+        for L{Replica}.
     """
-    replica = Replica(config, index, reactor, schemes, keys, identify)
+    if max_connections is None:
+        max_connections = connection_limit()
+    replica = Replica(
+        config, index, reactor, schemes, keys, identify, max_connections=max_connections, **limits
+    )
     top = MultiService()
     top.setName(f"replica-{index}")
     if endpoint is None:
