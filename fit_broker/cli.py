@@ -474,6 +474,21 @@ def status_table(statuses):
     return "\n".join(lines)
 
 
+async def _settled(reactor, proxy, timeout):
+    """
+    Wait until every replica is linked or failed its latest attempt to
+    connect, or C{timeout} seconds passed.
+    """
+    from twisted.internet.task import deferLater
+
+    deadline = reactor.seconds() + timeout
+    while reactor.seconds() < deadline:
+        known = set(proxy.links) | set(proxy.unreachable) | set(proxy.refusals)
+        if len(known) >= proxy.replicas:
+            return
+        await deferLater(reactor, 0.05, lambda: None)
+
+
 async def _status(reactor, args):
     from fit_broker import units
     from fit_broker.client.session import open_session
@@ -491,10 +506,7 @@ async def _status(reactor, args):
             await proxy.wait_for_links(1, CONNECT_TIMEOUT)
         except FitBrokerError as e:
             raise CommandError(f"cannot reach the cluster: {e}") from None
-        try:
-            await proxy.wait_for_links(len(config.replicas), STATUS_LINK_WAIT)
-        except FitBrokerError:
-            pass
+        await _settled(reactor, proxy, STATUS_LINK_WAIT)
 
         def observe(index, reply):
             answered[index] = reactor.seconds()
