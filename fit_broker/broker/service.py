@@ -7,11 +7,13 @@ from fit_broker.broker.channel import Channel, Refused
 from fit_broker.broker.stream import Stream
 from fit_broker.components import ORDERINGS
 from fit_broker.errors import Status
-from fit_broker.units import Reply
+from fit_broker.units import Reply, batch_bytes
 
 MAX_RECEIVE = 10_000
 # Batch identities one acknowledgement or fetch may name.
 MAX_KEYS = 4096
+# Bytes of batches one fetch reply carries, beyond its first batch.
+MAX_FETCH_BYTES = 4 * 1024 * 1024
 
 
 class BrokerService:
@@ -144,10 +146,15 @@ class BrokerService:
         channel = self.channels[tag]
         queue = channel.queue_of(client)
         found = []
+        size = 0
         for key in _batch_keys(keys):
             batch = queue.lookup(key)
             if batch is not None:
                 found.append(batch)
+                size += batch_bytes(batch)
+                if size >= MAX_FETCH_BYTES:
+                    # the rest is asked for again: a reply stays well within a frame
+                    break
         channel.count("fetched", len(found))
         return tuple(found)
 

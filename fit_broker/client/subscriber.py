@@ -27,6 +27,8 @@ TICK = 0.1
 VOTER_EXPIRY_INTERVAL = 1.0
 # Batch identities per acknowledgement frame (replicas read at most 4,096).
 ACK_CHUNK = 4096
+# Batches one fetch request asks for.
+FETCH_CHUNK = 64
 # Seconds after a link comes up during which copies of batches already
 # delivered are acknowledged to their sender: it resends what it had not
 # heard of before the link (re)opened.  Later ones were acknowledged to it
@@ -231,8 +233,10 @@ class Subscriber:
     def _link_up(self, index):
         self._linked_at[index] = self.clock.seconds()
         for tag, stream in self._streams.items():
-            # the replica sends again what was not acknowledged: its old copies go
+            # the replica sends again what was not acknowledged: its old copies go,
+            # and with them the credit they held on the old link
             self.voters[tag].forget_replica(index)
+            self._collect(stream)
             self._reset_credit(stream, index)
             self.proxy.send(
                 index,
@@ -285,6 +289,11 @@ class Subscriber:
         Collect the credit the voter freed and the acknowledgements it owes,
         and send them unless the application is busy.
         """
+        self._collect(stream)
+        if not stream.busy:
+            self._grant(stream)
+
+    def _collect(self, stream):
         voter = self.voters[stream.tag]
         for index, (events, nbytes) in voter.release().items():
             owed = stream.owed.get(index)
@@ -299,8 +308,6 @@ class Subscriber:
             for index, key in acks:
                 if key not in in_hand and linked_at.get(index, 0.0) > recent:
                     self._ack(stream.tag, (key,), index)
-        if not stream.busy:
-            self._grant(stream)
 
     def _hand_over(self, stream, decided):
         record = stream.record
@@ -405,14 +412,18 @@ class Subscriber:
         for key, replicas in wanted:
             targets = tuple(sorted(set(replicas))) if replicas else None
             by_target.setdefault(targets, []).append(key)
+        observe = self._fetched(tag)
         for targets, keys in by_target.items():
             self.count("fetches", len(keys))
-            request = Request(self.proxy.next_seq(), units.FETCH, tag, options={"keys": keys})
-            d = self.proxy.invoke(
-                request, 1, timeout=10.0, retry=False, observe=self._fetched(tag),
-                only=targets,
-            )
-            d.addErrback(lambda _: None)
+            for start in range(0, len(keys), FETCH_CHUNK):
+                request = Request(
+                    self.proxy.next_seq(), units.FETCH, tag,
+                    options={"keys": keys[start : start + FETCH_CHUNK]},
+                )
+                d = self.proxy.invoke(
+                    request, 1, timeout=10.0, retry=False, observe=observe, only=targets
+                )
+                d.addErrback(lambda _: None)
 
     def _fetched(self, tag):
         def observe(index, reply):
