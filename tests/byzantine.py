@@ -212,3 +212,38 @@ class AcksWithoutStoring(Replica):
         if request.method == "publish":
             return Reply(request.seq, "ok", channel=request.channel, info={"appended": 1})
         return super().handle(client, request)
+
+
+def _digests_only(delivery):
+    """The delivery with every full copy replaced by its digest form: vouch, never give."""
+    from fit_broker.units import batch_digest, digest_form
+
+    return Delivery(
+        delivery.channel,
+        tuple(digest_form(b, batch_digest(b)) if b[5] else b for b in delivery.batches),
+    )
+
+
+def unfetchable(mode="drop"):
+    """
+    Vouch for every batch with a digest and never send it in full, so that
+    subscribers must fetch it; answer fetches with nothing (C{"drop"}) or
+    with altered and invented batches (C{"junk"}).
+    """
+    counter = [9 * 10**15]
+
+    def behaviour(protocol, message):
+        if isinstance(message, Delivery):
+            return [_digests_only(message)]
+        if isinstance(message, Reply) and message.batches:
+            if mode == "drop":
+                return []
+            junk = []
+            for b in message.batches:
+                counter[0] += 1000
+                junk.append(_evil(b))
+                junk.append(_with(b, first_id=counter[0], payload=pack_contents([b"unasked"])))
+            return [Reply(message.seq, message.status, message.text, tuple(junk), message.channel)]
+        return [message]
+
+    return behaviour

@@ -186,3 +186,21 @@ class SimNet:
 
     def restart(self, index):
         self.down.discard(index)
+
+
+def drop_link(net, session, index):
+    """
+    Cut C{session}'s connection to replica C{index} from the client's side
+    (a lost TCP link); the client reconnects with backoff.
+    """
+    for i, pump in net.pumps:
+        if i == index and pump.client.proxy is session.proxy and not pump.clientIO.disconnecting:
+            pump.clientIO.loseConnection()
+
+
+def prune_links(net):
+    """Forget the pumps of links closed on both sides, so that runs stay fast."""
+    net.pumps = [
+        (i, pump) for i, pump in net.pumps
+        if not (pump.clientIO.disconnected and pump.serverIO.disconnected)
+    ]
