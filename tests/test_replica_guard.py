@@ -271,7 +271,11 @@ class LoneReplica:
                 env=child_env(),
                 preexec_fn=_low_descriptor_limit,
             )
-        wait_for_port(self.port, 60, self.process)
+        try:
+            wait_for_port(self.port, 60, self.process)
+        except BaseException:
+            stop_processes([self.process])
+            raise
 
     def rss_mib(self):
         return resident_kib(self.process.pid)[0] / 1024
@@ -299,8 +303,10 @@ class LoneReplica:
 @pytest.fixture(scope="module")
 def lone(tmp_path_factory):
     replica = LoneReplica(str(tmp_path_factory.mktemp("guard")))
-    yield replica
-    stop_processes([replica.process])
+    try:
+        yield replica
+    finally:
+        stop_processes([replica.process])
 
 
 def _hello(sock):
@@ -453,20 +459,22 @@ def tls_replica(tmp_path_factory):
         cwd=folder, stdout=out, stderr=subprocess.STDOUT, env=child_env(),
     )
     out.close()
-    wait_for_port(port, 60, process)
-    from fit_broker.keys import party_directory
+    try:
+        wait_for_port(port, 60, process)
+        from fit_broker.keys import party_directory
 
-    party = party_directory(directory, "probe")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.load_verify_locations(os.path.join(party, "ca.crt"))
-    context.load_cert_chain(os.path.join(party, "tls.crt"), os.path.join(party, "tls.key"))
+        party = party_directory(directory, "probe")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(os.path.join(party, "ca.crt"))
+        context.load_cert_chain(os.path.join(party, "tls.crt"), os.path.join(party, "tls.key"))
 
-    def connect():
-        raw = socket.create_connection(("127.0.0.1", port), 5)
-        return context.wrap_socket(raw, server_hostname=replica_hostname(config.name, 0))
+        def connect():
+            raw = socket.create_connection(("127.0.0.1", port), 5)
+            return context.wrap_socket(raw, server_hostname=replica_hostname(config.name, 0))
 
-    yield process, connect
-    stop_processes([process])
+        yield process, connect
+    finally:
+        stop_processes([process])
 
 
 @pytest.mark.integration
