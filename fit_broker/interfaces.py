@@ -89,18 +89,64 @@ class IVoter(Interface):
     Combines the copies of batches that replicas send to one subscriber.
 
     A voter never delivers a batch twice, never delivers one whose TTL has
-    passed, and keeps its memory of pending copies within a bound.
+    passed (nor holds one longer than the channel class's TTL), and keeps its
+    memory of pending copies within bounds in batches and bytes.  It never
+    turns slowness into loss: a copy it cannot decide on yet holds its
+    replica's credit (L{release} says when that is free again), and a batch
+    it evicted or lacks in full is named by L{wanted} to be fetched.
     """
 
     name = Attribute("The voter's name, as configuration chooses it.")
-    counters = Attribute("A dict of reason -> number of copies dropped.")
+    counters = Attribute("A dict of reason -> number of copies dropped or batches delivered.")
+    holds_copies = Attribute(
+        "True when copies may wait undecided, so their credit is freed only "
+        "through L{release}; False when every copy is done with once offered."
+    )
+    fetch_ready = Attribute("True when L{wanted} has batches to fetch now.")
 
     def offer(replica, batches, now):
         """
-        Take wire batches that replica number C{replica} sent.
+        Take wire batches that replica number C{replica} pushed.
 
         @return: the list of wire batches that are now decided, in arrival
             order; each is returned once in the voter's lifetime.
+        """
+
+    def offer_fetched(replica, batches, now):
+        """
+        Take full copies replica C{replica} sent in answer to a fetch.
+
+        @return: the wire batches now decided.
+        """
+
+    def wanted(now):
+        """
+        Return C{(key, replicas)} pairs: the batches to fetch now, and the
+        replicas to ask (C{None}: all of them).
+        """
+
+    def release():
+        """
+        Return C{{replica: (events, bytes)}}: the credit of the copies the
+        voter is done with since the last call.
+        """
+
+    def take_acks():
+        """
+        Return C{(replica, key)} pairs for copies of batches already
+        delivered, which that replica may still hold.
+        """
+
+    def take_dropped():
+        """
+        Return C{(replica, key)} pairs for undecided batches evicted from
+        that replica's share, which it may forget.
+        """
+
+    def forget_replica(replica):
+        """
+        Drop the copies of a replica whose link went down; it sends them
+        again when it is back.
         """
 
     def expire(now):

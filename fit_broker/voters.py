@@ -59,6 +59,7 @@ class _Voter:
         self.counters = {"delivered": 0, "duplicate": 0, "stale": 0, "expired": 0}
         self._released = {}
         self._acks = []
+        self._dropped = []
 
     def count(self, reason, n=1):
         self.counters[reason] = self.counters.get(reason, 0) + n
@@ -98,6 +99,16 @@ class _Voter:
         """
         acks, self._acks = self._acks, []
         return acks
+
+    def take_dropped(self):
+        """
+        Return C{(replica, key)} for each undecided batch the voter evicted
+        that replica's copy of: the replica may forget it (a later copy from
+        another replica makes the voter fetch it from whoever still holds
+        it).
+        """
+        dropped, self._dropped = self._dropped, []
+        return dropped
 
     def _screen(self, replica, batch, now):
         """
@@ -555,6 +566,10 @@ class MatchingCopiesVoter(_Voter):
     def _evict(self, key, reason):
         entry = self._pending[key]
         self._close(key, entry, reason=reason)
+        dropped = self._dropped
+        for voters in entry.votes.values():
+            for replica in voters:
+                dropped.append((replica, key))
         evicted = self._evicted
         evicted[key] = entry.deadline
         if len(evicted) > EVICTED_WINDOW:

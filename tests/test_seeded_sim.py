@@ -55,18 +55,7 @@ KINDS = {
 }
 
 # (kind, seed) -> why: runs that find a known bug in fit_broker/, expected to fail until it is fixed.
-EVICTED_NEVER_ACKED = (
-    "a batch the voter evicted returns its replica's credit but is never acknowledged, so honest "
-    "replicas keep a hostile publisher's undecidable batches as sent-unacknowledged until their TTL: "
-    "the unacknowledged part of a subscriber's queue grows past its credit and capacity"
-)
-KNOWN_BUGS = {
-    (kind, seed): EVICTED_NEVER_ACKED
-    for kind, seed in [
-        ("alter", 6), ("replay", 3), ("flood", 0), ("equivocate", 10), ("equivocate", 15),
-        ("acks_without_storing", 11), ("junk_fetches", 5),
-    ]
-}
+KNOWN_BUGS = {}
 
 
 def replay_command(kind, seed):

@@ -65,6 +65,7 @@ class OutputQueue:
             "skipped": 0,
             "resent": 0,
             "acked-ahead": 0,
+            "dropped-by-voter": 0,
         }
 
     def __len__(self):
@@ -188,14 +189,38 @@ class OutputQueue:
         self.unacked_bytes += taken_bytes
         if expired:
             self.counters["expired"] += expired
+        if self.unacked_events > self.capacity or self.unacked_bytes > self.max_bytes:
+            self._overflow_unacked()
         return taken
 
-    def ack(self, keys):
+    def _overflow_unacked(self):
+        """
+        Forget the oldest sent batches while those not acknowledged exceed the
+        queue's bounds, counting them as overflowed: a subscriber that takes
+        credit without acknowledging cannot make a replica hold more.
+        """
+        unacked = self._unacked
+        index = self._index
+        dropped = 0
+        while unacked and (self.unacked_events > self.capacity or self.unacked_bytes > self.max_bytes):
+            key = next(iter(unacked))
+            entry = unacked.pop(key)
+            del index[key]
+            entry[STATE] = GONE
+            self.unacked_events -= entry[COUNT]
+            self.unacked_bytes -= entry[SIZE]
+            dropped += entry[COUNT]
+        self.counters["overflowed"] += dropped
+
+    def ack(self, keys, delivered=True):
         """
         The subscriber holds the batches of C{keys} (C{(publisher, first_id)}
         pairs): forget them, sent or still queued, and count them delivered.
         A key not here yet is remembered so that its batch, when this
-        replica receives it late, is not sent at all.
+        replica receives it late, is not sent at all.  With C{delivered}
+        false, the subscriber's voter gave these batches up undecided (no
+        other replica vouched for them in time): forget them, counted as
+        C{dropped-by-voter}.
 
         @return: the events acknowledged.
         """
@@ -204,7 +229,8 @@ class OutputQueue:
         for key in keys:
             entry = index.pop(key, None)
             if entry is None:
-                self._acked_ahead.add(key, 0)
+                if delivered:
+                    self._acked_ahead.add(key, 0)
                 continue
             acked += entry[COUNT]
             if entry[STATE] == SENT:
@@ -215,7 +241,7 @@ class OutputQueue:
                 self.size -= entry[COUNT]
                 self.bytes -= entry[SIZE]
             entry[STATE] = GONE
-        self.counters["delivered"] += acked
+        self.counters["delivered" if delivered else "dropped-by-voter"] += acked
         return acked
 
     def lookup(self, key):
@@ -247,6 +273,8 @@ class OutputQueue:
         self.bytes += self.unacked_bytes
         self.unacked_events = self.unacked_bytes = 0
         self.counters["resent"] += events
+        if self.size > self.capacity or self.bytes > self.max_bytes:
+            self._overflow(())
         return events
 
     def expire(self, now):

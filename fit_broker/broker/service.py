@@ -117,6 +117,9 @@ class BrokerService:
             return Reply(seq, Status.OK, channel=tag)
         if method == units.ACK:
             self.ack(tag, client, request.options.get("keys"))
+            dropped = request.options.get("dropped")
+            if dropped is not None:
+                self.ack(tag, client, dropped, delivered=False)
             return Reply(seq, Status.OK, channel=tag)
         if method == units.FETCH:
             return Reply(seq, Status.OK, batches=self.fetch(tag, client, request.options.get("keys")), channel=tag)
@@ -128,15 +131,16 @@ class BrokerService:
             seq, Status.UNKNOWN_METHOD, f"method {method!r} is not served here", channel=tag
         )
 
-    def ack(self, tag, client, keys):
+    def ack(self, tag, client, keys, delivered=True):
         """
-        C{client} holds the batches C{keys} names: forget them here.
-        Malformed keys are ignored: acknowledgements only ever free memory.
+        C{client} holds the batches C{keys} names (or, not C{delivered}, its
+        voter gave them up undecided): forget them here.  Malformed keys are
+        ignored: acknowledgements only ever free memory.
         """
         queue = self.channels[tag].queues.get(client)
         if queue is None:
             return 0
-        return queue.ack(_batch_keys(keys))
+        return queue.ack(_batch_keys(keys), delivered)
 
     def fetch(self, tag, client, keys):
         """

@@ -319,7 +319,7 @@ class ServiceProxy:
                 f"replica {index} at {self.config.replicas[index].connect}: {why}"
                 for index, why in sorted(unreachable.items())
             )
-        elif not self.links and not self.refusals:
+        if not self.links and not self.refusals:
             text += "; is the cluster running?"
         return text
 
@@ -364,7 +364,7 @@ class ServiceProxy:
         if link is not None:
             link.transport.write(encode_request(request))
 
-    def invoke(self, request, quorum, timeout=None, retry=True, observe=None):
+    def invoke(self, request, quorum, timeout=None, retry=True, observe=None, only=None):
         """
         Send C{request} to every replica; return a Deferred firing with the
         first ok L{Reply} once C{quorum} replicas answered ok.
@@ -373,10 +373,14 @@ class ServiceProxy:
             now and send it when they reconnect.
         @param observe: called with C{(replica index, reply)} for every ok
             reply, also those that arrive after the request was decided.
+        @param only: the replica indexes to ask, or C{None} for all.
         """
         frame = encode_request(request)
         pending = _Pending(request, frame, quorum, observe)
         for index in range(self.replicas):
+            if only is not None and index not in only:
+                pending.errors[index] = Reply(request.seq, "not-asked", "not asked")
+                continue
             link = self.links.get(index)
             if link is None and not retry:
                 continue

@@ -308,6 +308,8 @@ class Subscriber:
             for index, key in acks:
                 if key not in in_hand and linked_at.get(index, 0.0) > recent:
                     self._ack(stream.tag, (key,), index)
+        for index, key in voter.take_dropped():
+            self._ack(stream.tag, (key,), index, "dropped")
 
     def _hand_over(self, stream, decided):
         record = stream.record
@@ -359,13 +361,14 @@ class Subscriber:
     def _callback_failed(self, failure, tag):
         self.log.failure("the application failed on events of {tag}", failure, tag=tag)
 
-    def _ack(self, tag, keys, index=None):
+    def _ack(self, tag, keys, index=None, kind="keys"):
         """
-        Acknowledge C{keys} to every replica, or to replica C{index} only.
+        Acknowledge C{keys} to every replica, or to replica C{index} only;
+        with C{kind} C{"dropped"}, tell it the voter gave those up undecided.
         """
-        pending = self._acks.get((tag, index))
+        pending = self._acks.get((tag, index, kind))
         if pending is None:
-            self._acks[(tag, index)] = list(keys)
+            self._acks[(tag, index, kind)] = list(keys)
         else:
             pending.extend(keys)
         if self._ack_call is None:
@@ -378,9 +381,9 @@ class Subscriber:
         """
         self._ack_call = None
         acks, self._acks = self._acks, {}
-        for (tag, only), keys in acks.items():
+        for (tag, only, kind), keys in acks.items():
             for start in range(0, len(keys), ACK_CHUNK):
-                request = Request(0, units.ACK, tag, options={"keys": keys[start : start + ACK_CHUNK]})
+                request = Request(0, units.ACK, tag, options={kind: keys[start : start + ACK_CHUNK]})
                 for index in list(self.proxy.links) if only is None else (only,):
                     self.proxy.send(index, request)
 

@@ -11,11 +11,11 @@ from zope.interface import implementer
 from fit_broker import units
 from fit_broker.errors import ProtocolError, Status
 from fit_broker.ratelimit import shorten
-from fit_broker.units import Reply, Request, credit_cost
+from fit_broker.units import Reply, Request
 from fit_broker.wire.codec import decode, encode_delivery, encode_reply
 from fit_broker.wire.framing import FrameDecoder
 
-DELIVERY_EVENTS = 400
+SESSION_MAX = 64
 CLOSE_GRACE = 5.0
 
 
@@ -25,10 +25,11 @@ class ReplicaProtocol(Protocol):
     Frames in, replies and pushed batches out.
 
     The first request must be a hello naming the client (or, over mutual TLS,
-    agreeing with its certificate).  Streams are credit-based: a subscriber
-    grants credits per channel and the replica pushes no more events than
-    that, so a slow console slows only its own stream.  The transport's
-    write buffer pauses pushing too (this protocol is its producer).
+    agreeing with its certificate) and its session: a client's reconnects
+    carry the same session id, another process of the same client another.
+    Streams (L{fit_broker.broker.stream.Stream}) are credit-based, in events
+    and bytes; the transport's write buffer pauses pushing too (this protocol
+    is its producer).
     """
 
     log = Logger()
@@ -37,7 +38,8 @@ class ReplicaProtocol(Protocol):
         self.replica = replica
         self.decoder = FrameDecoder(replica.max_frame)
         self.client = None
-        self.credits = {}
+        self.session = None
+        self.streams = {}
         self._flush_call = None
         self._paused = False
         self._closed = False
@@ -187,38 +189,76 @@ class ReplicaProtocol(Protocol):
                 raise ProtocolError("the first request must be a hello")
             self._hello(request)
             return
+        tag = request.channel
         if method == units.CREDIT:
-            if request.count > 0 and request.channel in self.credits:
-                self.credits[request.channel] += request.count
-                self.schedule_flush(request.channel)
+            stream = self.streams.get(tag)
+            if stream is not None:
+                stream.grant(request.count, request.options.get("bytes"))
+                self.schedule_flush(tag)
             return
+        if method == units.SUBSCRIBE and request.options.get("stream"):
+            problem = self.replica.claim_stream(
+                tag, self, bool(request.options.get("takeover", False))
+            )
+            if problem is not None:
+                if request.seq:
+                    self.transport.write(
+                        encode_reply(Reply(request.seq, Status.BUSY, problem, channel=tag))
+                    )
+                return
         reply = self.replica.handle(self.client, request)
         if request.seq:
             self.transport.write(encode_reply(reply))
         if not reply.ok:
+            if method == units.SUBSCRIBE:
+                self.replica.release_stream(tag, self)
             return
         if method == units.SUBSCRIBE and request.options.get("stream"):
             credit = request.options.get("credit", 0)
-            if type(credit) is not int or credit < 0:
-                credit = 0
-            self.credits[request.channel] = credit
-            self.replica.add_stream(request.channel, self)
-            self.schedule_flush(request.channel)
+            credit_bytes = request.options.get("credit_bytes", 0)
+            self.streams[tag] = self.replica.broker.open_stream(
+                tag, self.client, credit, credit_bytes
+            )
+            self.schedule_flush(tag)
         elif method == units.UNSUBSCRIBE:
-            self.credits.pop(request.channel, None)
-            self.replica.remove_stream(request.channel, self)
+            self.drop_stream(tag)
+        elif method == units.ACK:
+            stream = self.streams.get(tag)
+            if stream is not None and stream.ready:
+                self.schedule_flush(tag)
+
+    def notify(self, text, tag=""):
+        """
+        Tell the client something that answers no request of its own.
+        """
+        if not self._closed:
+            self.transport.write(encode_reply(Reply(0, Status.BUSY, text, channel=tag)))
+
+    def drop_stream(self, tag):
+        """
+        Stop pushing C{tag} on this connection (unsubscribed, or taken over
+        by another connection of the same client).
+        """
+        self.streams.pop(tag, None)
+        self.replica.release_stream(tag, self)
 
     def _hello(self, request):
         name = request.options.get("client")
         problem = self.replica.admit(name, self.transport)
         if problem:
             self.replica.count("refused-hello")
-            self.log.warn("refusing client {name!r}: {problem}", name=name, problem=problem)
+            self.replica.warnings.warn(
+                "refused-hello", "refusing client {name!r}: {problem}",
+                name=shorten(name if type(name) is str else repr(name)), problem=problem,
+            )
             self.transport.write(encode_reply(Reply(request.seq, Status.UNAUTHORIZED, problem)))
             self._closed = self._refused = True
-            self.transport.loseConnection()
+            self.hang_up()
             return
         self.client = name
+        session = request.options.get("session")
+        if type(session) is str and 0 < len(session) <= SESSION_MAX:
+            self.session = session
         self.transport.write(
             encode_reply(Reply(request.seq, Status.OK, info=self.replica.describe()))
         )
@@ -238,21 +278,19 @@ class ReplicaProtocol(Protocol):
         if self._paused or self._closed:
             return
         replica = self.replica
-        broker = replica.broker
         now = replica.clock.seconds()
         ready, self._ready = self._ready, set()
-        credits = self.credits
+        streams = self.streams
+        write = self.transport.write
         for tag in ready:
-            credit = credits.get(tag, 0)
-            if credit <= 0:
+            stream = streams.get(tag)
+            if stream is None:
                 continue
-            batches = broker.take(tag, self.client, min(credit, DELIVERY_EVENTS), now)
+            batches = stream.take(now)
             if not batches:
                 continue
-            self.transport.write(encode_delivery(tag, batches))
-            credit -= sum(map(credit_cost, batches))
-            credits[tag] = credit
-            if credit > 0 and broker.waiting(tag, self.client):
+            write(encode_delivery(tag, batches))
+            if stream.ready:
                 self._ready.add(tag)
         if self._ready:
             self._flush_call = replica.clock.callLater(0, self._flush)
@@ -294,7 +332,7 @@ class ReplicaProtocol(Protocol):
 
     def resumeProducing(self):
         self._paused = False
-        for tag in self.credits:
+        for tag in self.streams:
             self.schedule_flush(tag)
         self._resume_reading()
 
@@ -313,9 +351,8 @@ class ReplicaProtocol(Protocol):
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
-        for tag in self.credits:
-            self.replica.remove_stream(tag, self)
-        self.credits.clear()
+        for tag in list(self.streams):
+            self.drop_stream(tag)
 
 
 class ReplicaFactory(Factory):

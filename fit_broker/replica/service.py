@@ -13,8 +13,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from fit_broker import units
 from fit_broker.broker.service import BrokerService
 from fit_broker.listening import MustListen
-from fit_broker.ratelimit import RateLimitedLog, shorten
 from fit_broker.metrics import metrics_service, replica_families
+from fit_broker.ratelimit import RateLimitedLog, shorten
 from fit_broker.errors import Status
 from fit_broker.units import Reply
 from fit_broker.replica.protocol import ReplicaFactory
@@ -119,7 +119,7 @@ class Replica:
 
     def handle(self, client, request):
         if request.method == units.STATUS:
-            return Reply(request.seq, Status.OK, info=self.snapshot())
+            return Reply(request.seq, Status.OK, info=self.snapshot(client))
         reply = self.broker.handle(client, request, self.clock.seconds())
         if not reply.ok:
             self.refused(client, request, reply)
@@ -230,29 +230,55 @@ class Replica:
             reason=reason,
         )
 
+    def claim_stream(self, tag, protocol, takeover=False):
+        """
+        Make C{protocol} the one connection that streams C{tag} to its
+        client, or return why not.  A client's own reconnect (same session)
+        replaces its old link; another process of the same client is refused
+        unless it asks to take over, since two consumers would split the
+        events between them unpredictably.
+        """
+        holders = self.streams.setdefault(tag, {})
+        client = protocol.client
+        current = holders.get(client)
+        if current is not None and current is not protocol:
+            same_session = current.session is not None and current.session == protocol.session
+            if not (same_session or takeover):
+                self.count("refused-second-subscriber")
+                return (
+                    f"client {client!r} is already subscribed to {tag!r} on another connection; "
+                    "one subscriber per client and channel (take over to replace it)"
+                )
+            self.count("stream-replaced" if same_session else "stream-taken-over")
+            current.drop_stream(tag)
+            if not same_session:
+                current.notify(f"the subscription to {tag!r} was taken over by another connection", tag)
+        holders[client] = protocol
+        return None
 
-    def add_stream(self, tag, protocol):
-        self.streams.setdefault(tag, set()).add(protocol)
-
-    def remove_stream(self, tag, protocol):
-        streams = self.streams.get(tag)
-        if streams is not None:
-            streams.discard(protocol)
+    def release_stream(self, tag, protocol):
+        holders = self.streams.get(tag)
+        if holders is not None and holders.get(protocol.client) is protocol:
+            del holders[protocol.client]
 
     def _ready(self, tag):
-        for protocol in self.streams.get(tag, ()):
-            protocol.schedule_flush(tag)
+        holders = self.streams.get(tag)
+        if holders:
+            for protocol in holders.values():
+                protocol.schedule_flush(tag)
 
     def expire(self):
         self.broker.expire(self.clock.seconds())
 
-    def snapshot(self):
-        return {
-            "connections": dict(self.counters),
-            **self.broker.snapshot(),
-            "started": self.started,
-            "now": self.clock.seconds(),
-        }
+    def snapshot(self, client=None):
+        """
+        Counters for C{client}: everything for an administrator (or when
+        C{client} is C{None}), else its own channels and queues only.
+        """
+        clock = {"started": self.started, "now": self.clock.seconds()}
+        if client is None or self.config.is_admin(client):
+            return {"connections": dict(self.counters), **self.broker.snapshot(), **clock}
+        return {**self.broker.snapshot(client), **clock}
 
 
 def make_replica_service(
