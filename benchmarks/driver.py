@@ -164,10 +164,12 @@ async def subscribe(reactor, args, session):
     reactor.callLater(0.1, check)
     await done
     summary = record.summary(args.ledger)
-    summary["voter"] = {
-        key: sum(v.counters.get(key, 0) for v in session.subscriber.voters.values())
-        for key in ("delivered", "duplicate", "stale", "expired")
-    }
+    voter = {}
+    for v in session.subscriber.voters.values():
+        for key, value in v.counters.items():
+            voter[key] = voter.get(key, 0) + value
+    summary["voter"] = voter
+    summary["subscriber"] = dict(session.subscriber.counters)
     return summary
 
 

@@ -169,6 +169,8 @@ def run_clients(folder, publish_command, subscribe_command, options):
         delivered = _last_json(out.decode("utf-8", "replace"))
         if delivered is None:
             raise RuntimeError(f"subscriber printed no summary: {_tail(sub_err)}")
+        with open(os.path.join(folder, "summaries.json"), "w") as f:
+            json.dump({"publisher": published, "subscriber": delivered}, f, indent=1)
         lost = None
         if os.path.exists(pub_ledger) and os.path.exists(sub_ledger):
             lost = lost_events(read_ledger(pub_ledger), read_ledger(sub_ledger))

@@ -85,11 +85,11 @@ class _Voter:
 
     def release(self):
         """
-        Return C{{replica: (events, bytes)}}: the credit of the copies this
+        Return C{{replica: [events, bytes]}}: the credit of the copies this
         voter is done with since the last call.
         """
         released, self._released = self._released, {}
-        return {replica: tuple(value) for replica, value in released.items()}
+        return {replica: value for replica, value in released.items() if value[0] or value[1]}
 
     def take_acks(self):
         """
@@ -311,20 +311,19 @@ class _Pending:
     @ivar fulls: digest -> a full copy with that digest.
     @ivar costs: replica -> C{(events, bytes)} of credit its copy holds
         (fetched copies hold none).
+    @ivar voters: every replica that vouched for any digest of it.
     """
 
-    __slots__ = ("publisher", "votes", "fulls", "costs", "deadline", "size")
+    __slots__ = ("publisher", "votes", "fulls", "costs", "voters", "deadline", "size")
 
     def __init__(self, publisher, deadline):
         self.publisher = publisher
         self.votes = {}
         self.fulls = {}
         self.costs = {}
+        self.voters = set()
         self.deadline = deadline
         self.size = 0
-
-    def voted(self, replica):
-        return replica in self.costs or any(replica in v for v in self.votes.values())
 
 
 @implementer(IVoter)
@@ -392,11 +391,30 @@ class MatchingCopiesVoter(_Voter):
     def pending(self):
         return len(self._pending)
 
-    def offer(self, replica, batches, now):
+    def offer(self, replica, batches, now, costs=None):
+        """
+        @param costs: C{(events, bytes)} of credit each batch used, when the
+            caller counted them already.
+        """
+        decided_ids = self._decided
+        acks = self._acks
+        counters = self.counters
+        released = self._released.get(replica)
+        if released is None:
+            released = self._released[replica] = [0, 0]
         decided = []
-        for batch in batches:
-            self._vote(replica, batch, now, decided, credited=True)
-        self.counters["delivered"] += len(decided)
+        for position, batch in enumerate(batches):
+            cost = costs[position] if costs is not None else (credit_cost(batch), batch_bytes(batch))
+            key = (batch[0], batch[1])
+            if key in decided_ids:
+                # the common case: a copy beyond the f+1 that decided it
+                counters["duplicate"] += 1
+                acks.append((replica, key))
+                released[0] += cost[0]
+                released[1] += cost[1]
+            else:
+                self._vote(replica, batch, key, cost, now, decided)
+        counters["delivered"] += len(decided)
         return decided
 
     def offer_fetched(self, replica, batches, now):
@@ -410,73 +428,102 @@ class MatchingCopiesVoter(_Voter):
             if key not in self._wanted or not batch[5]:
                 self.count("late-fetch" if key in self._decided else f"unasked:replica-{replica}")
                 continue
-            self._vote(replica, batch, now, decided, credited=False)
+            if self._screen(replica, batch, now) is None:
+                self._vote(replica, batch, key, None, now, decided)
         self.counters["delivered"] += len(decided)
         return decided
 
-    def _vote(self, replica, batch, now, decided, credited):
-        events = credit_cost(batch) if credited else 0
-        nbytes = batch_bytes(batch)
-        if self._screen(replica, batch, now) is not None:
-            self._credit(replica, events, nbytes if credited else 0)
+    def _vote(self, replica, batch, key, cost, now, decided):
+        """
+        Count one copy not yet known to be decided; C{cost} is the credit it
+        holds, or C{None} for a fetched copy, which holds none.
+        """
+        if cost is None:
+            events = nbytes = 0
+            size = batch_bytes(batch)
+        else:
+            events, nbytes = cost
+            size = nbytes
+        deadline = self._deadline(batch, now)
+        if not deadline > now:
+            self.counters["expired"] += 1
+            self._credit(replica, events, nbytes)
             return
-        key = (batch[0], batch[1])
+        if self._decided.is_stale(batch[0], batch[4], batch[1]):
+            self.counters["stale"] += 1
+            self._acks.append((replica, key))
+            self._credit(replica, events, nbytes)
+            return
         if batch[5]:
             if self._check is not None:
                 reason = self._check(self._keys, self._channel, batch)
                 if reason is not None:
                     self.count(f"{reason}:replica-{replica}")
-                    self._credit(replica, events, nbytes if credited else 0)
+                    self._credit(replica, events, nbytes)
                     return
             digest = batch_digest(batch)
-            count = credit_cost(batch)
-            if self._conflicts(batch, count, digest):
+            if self._conflicts(batch, credit_cost(batch), digest):
                 self.count(f"overlapping-ids:replica-{replica}")
-                self._credit(replica, events, nbytes if credited else 0)
+                self._credit(replica, events, nbytes)
                 return
             full = batch
         else:
             digest = batch[6]
             if len(digest) != 32:
                 self.count(f"malformed-digest:replica-{replica}")
-                self._credit(replica, events, nbytes if credited else 0)
+                self._credit(replica, events, nbytes)
                 return
             full = None
-        entry = self._pending.get(key)
+        pending = self._pending
+        entry = pending.get(key)
         if entry is None:
-            entry = self._open(key, batch[0], self._deadline(batch, now), now)
-        elif entry.voted(replica):
+            entry = self._open(key, batch[0], deadline, now)
+        elif replica in entry.voters:
             voters = entry.votes.get(digest)
             if full is not None and voters is not None and replica in voters and digest not in entry.fulls:
                 # the full copy of a digest this replica vouched for: a fetch answered
                 entry.fulls[digest] = full
-                self._grow(entry, nbytes)
-                self._credit(replica, events, nbytes if credited else 0)
+                self._grow(entry, size)
+                self._credit(replica, events, nbytes)
                 self._maybe_decide(key, entry, digest, now, decided)
                 return
             self.count(f"repeated:replica-{replica}")
-            self._credit(replica, events, nbytes if credited else 0)
+            self._credit(replica, events, nbytes)
             return
+        entry.voters.add(replica)
         voters = entry.votes.get(digest)
         if voters is None:
             voters = entry.votes[digest] = []
         voters.append(replica)
-        if credited:
-            entry.costs[replica] = (events, nbytes)
+        if cost is not None:
+            entry.costs[replica] = cost
             held = self._held.get(replica)
             if held is None:
                 held = self._held[replica] = [0, 0, {}]
             held[0] += events
             held[1] += nbytes
             held[2][key] = None
-        grown = nbytes if full is not None and digest not in entry.fulls else 64
         if full is not None and digest not in entry.fulls:
             entry.fulls[digest] = full
-        self._grow(entry, grown)
-        self._maybe_decide(key, entry, digest, now, decided)
-        self._bound(key)
-        if credited:
-            self._relieve(replica)
+            self._grow(entry, size)
+        else:
+            self._grow(entry, 64)
+        if len(voters) >= self.needed:
+            self._maybe_decide(key, entry, digest, now, decided)
+        if key in pending:
+            share = self._by_publisher[entry.publisher]
+            if (
+                len(share[0]) > self.publisher_share
+                or share[1] > self.publisher_share_bytes
+                or len(pending) > self.max_pending
+                or self.pending_bytes > self.max_pending_bytes
+            ):
+                self._bound(key)
+            window = self.window
+            if cost is not None and window is not None and (
+                held[0] * 4 >= window[0] * 3 or held[1] * 4 >= window[1] * 3
+            ):
+                self._relieve(replica)
 
     def _open(self, key, publisher, deadline, now):
         entry = self._pending[key] = _Pending(publisher, deadline)
@@ -637,8 +684,9 @@ class MatchingCopiesVoter(_Voter):
         subscriber did not acknowledge again when it is back.
         """
         for key, entry in list(self._pending.items()):
-            if not entry.voted(replica):
+            if replica not in entry.voters:
                 continue
+            entry.voters.discard(replica)
             cost = entry.costs.pop(replica, None)
             if cost is not None:
                 self._unhold(replica, key, *cost)

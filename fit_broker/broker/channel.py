@@ -16,10 +16,11 @@ DEDUP_WINDOW = 8192
 
 def _identity(batch):
     """
-    What tells two batches with the same ids apart where no digest is
-    needed for light copies: cheap, and enough for deduplication.  A
-    publisher that crafts a different batch with the same identity only has
-    it dropped as a duplicate of its first, never delivered beside it.
+    What tells two batches with the same ids apart, without hashing the
+    payload: the proof (a MAC vector or signature commits to the content)
+    and the payload's length and ends.  A publisher that crafts a different
+    batch with the same identity only has it dropped as a duplicate of its
+    first, never delivered beside it.
     """
     payload = batch[5]
     return (len(payload), payload[:32], payload[-32:], batch[6])
@@ -156,7 +157,7 @@ class Channel:
                     f"{self.scheme.name} check: {reason}",
                     reason,
                 )
-            digest = batch_digest(batch) if self.light_copies is not None else _identity(batch)
+            digest = _identity(batch)
             if ranges.check(first_id, count, digest) == "conflict":
                 raise self._overlap(index, client, first_id, count)
             checked.append((count, batch, digest))
@@ -173,7 +174,7 @@ class Channel:
                 expired += count
             else:
                 ranges.add(first_id, count, digest)
-                fresh.append((count, self._outgoing(batch, digest), batch, batch_bytes(batch)))
+                fresh.append((count, self._outgoing(batch), batch, batch_bytes(batch)))
         if duplicates:
             self.count("duplicate", duplicates)
         if expired:
@@ -193,7 +194,7 @@ class Channel:
             "overlapping-ids",
         )
 
-    def _outgoing(self, batch, digest):
+    def _outgoing(self, batch):
         """
         Return what subscribers get from this replica for C{batch}: the batch,
         or its digest form when other replicas are designated to send it.
@@ -204,7 +205,7 @@ class Channel:
         start = full_copy_senders(batch[0], batch[1], replicas, copies)
         if (index - start) % replicas < copies:
             return batch
-        return digest_form(batch, digest)
+        return digest_form(batch, batch_digest(batch))
 
     def append(self, entries):
         """

@@ -6,7 +6,7 @@ acknowledgements.
 from collections import deque
 
 from fit_broker.dedup import RecentIds
-from fit_broker.units import BATCH_OVERHEAD
+from fit_broker.units import BATCH_OVERHEAD, MAX_CREDIT_BYTES, MAX_CREDIT_EVENTS
 
 # Entry fields: a queue entry is a list, cheaper than an object on the hot path.
 COUNT, OUT, FULL, SIZE, STATE = range(5)
@@ -189,20 +189,23 @@ class OutputQueue:
         self.unacked_bytes += taken_bytes
         if expired:
             self.counters["expired"] += expired
-        if self.unacked_events > self.capacity or self.unacked_bytes > self.max_bytes:
+        if self.unacked_events > MAX_CREDIT_EVENTS or self.unacked_bytes > MAX_CREDIT_BYTES:
             self._overflow_unacked()
         return taken
 
     def _overflow_unacked(self):
         """
-        Forget the oldest sent batches while those not acknowledged exceed the
-        queue's bounds, counting them as overflowed: a subscriber that takes
-        credit without acknowledging cannot make a replica hold more.
+        Forget the oldest sent batches while those not acknowledged exceed
+        the most credit a subscriber may hold, counting them as overflowed: a
+        correct subscriber acknowledges before it returns credit, and one that
+        does not cannot make a replica hold more.
         """
         unacked = self._unacked
         index = self._index
         dropped = 0
-        while unacked and (self.unacked_events > self.capacity or self.unacked_bytes > self.max_bytes):
+        while unacked and (
+            self.unacked_events > MAX_CREDIT_EVENTS or self.unacked_bytes > MAX_CREDIT_BYTES
+        ):
             key = next(iter(unacked))
             entry = unacked.pop(key)
             del index[key]

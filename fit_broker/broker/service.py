@@ -70,6 +70,9 @@ class BrokerService:
         method = request.method
         if method == units.STATUS:
             return Reply(request.seq, Status.OK, info=self.snapshot(client))
+        if method == units.ACK:
+            self.acknowledged(client, request.options)
+            return Reply(request.seq, Status.OK)
         channel = self.channels.get(request.channel)
         if channel is None:
             self._count("unknown-channel")
@@ -115,12 +118,6 @@ class BrokerService:
         if method == units.UNSUBSCRIBE:
             channel.unsubscribe(client)
             return Reply(seq, Status.OK, channel=tag)
-        if method == units.ACK:
-            self.ack(tag, client, request.options.get("keys"))
-            dropped = request.options.get("dropped")
-            if dropped is not None:
-                self.ack(tag, client, dropped, delivered=False)
-            return Reply(seq, Status.OK, channel=tag)
         if method == units.FETCH:
             return Reply(seq, Status.OK, batches=self.fetch(tag, client, request.options.get("keys")), channel=tag)
         if method == units.RECEIVE:
@@ -130,6 +127,21 @@ class BrokerService:
         return Reply(
             seq, Status.UNKNOWN_METHOD, f"method {method!r} is not served here", channel=tag
         )
+
+    def acknowledged(self, client, options):
+        """
+        Carry out one acknowledgement frame of C{client}, for any number of
+        channels: C{options["keys"]} maps a channel to the batches delivered,
+        C{options["dropped"]} to those its voter gave up undecided.
+        """
+        channels = self.channels
+        for kind, delivered in (("keys", True), ("dropped", False)):
+            by_channel = options.get(kind)
+            if type(by_channel) is not dict:
+                continue
+            for tag, keys in list(by_channel.items())[: len(channels)]:
+                if tag in channels:
+                    self.ack(tag, client, keys, delivered)
 
     def ack(self, tag, client, keys, delivered=True):
         """

@@ -3,6 +3,7 @@ Receiving events: streams with flow control and acknowledgements, and pulls.
 """
 
 import os
+from itertools import islice
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import LoopingCall
@@ -12,6 +13,7 @@ from fit_broker import units
 from fit_broker.components import VOTERS
 from fit_broker.errors import FitBrokerError
 from fit_broker.units import (
+    BATCH_OVERHEAD,
     MAX_CREDIT_BYTES,
     MAX_CREDIT_EVENTS,
     DeliveredBatch,
@@ -27,13 +29,17 @@ TICK = 0.1
 VOTER_EXPIRY_INTERVAL = 1.0
 # Batch identities per acknowledgement frame (replicas read at most 4,096).
 ACK_CHUNK = 4096
+# Acknowledgements wait at most this many seconds, or until this many batches
+# are to be acknowledged, so that one frame carries many: they only free the
+# replicas' memory, and what is unacknowledged is bounded there.
+ACK_DELAY = 0.05
+ACK_BATCH = 512
 # Batches one fetch request asks for.
 FETCH_CHUNK = 64
-# Seconds after a link comes up during which copies of batches already
-# delivered are acknowledged to their sender: it resends what it had not
-# heard of before the link (re)opened.  Later ones were acknowledged to it
-# with everyone else, in order on the same link.
-RESEND_WINDOW = 30.0
+# Batches whose acknowledgement time is remembered: a later copy of one is
+# acknowledged again to its sender only if that replica's link came up after
+# the acknowledgement went out (it resends what it had not heard of).
+ACKED_MEMORY = 65_536
 
 
 class _Stream:
@@ -104,8 +110,12 @@ class Subscriber:
         self._pulled = {}
         self._opened = {}
         self._acks = {}
+        self._ack_count = 0
+        self._ack_timer = None
+        self._unsettled = set()
         self._ack_call = None
         self._linked_at = {}
+        self._acked_at = {}
         self._tick = None
         self._last_expiry = 0.0
         proxy.on_delivery = self._delivery
@@ -175,7 +185,8 @@ class Subscriber:
         self._tick = None
         if self._ack_call is not None and self._ack_call.active():
             self._ack_call.cancel()
-            self._flush_acks()
+            self._end_turn()
+        self._flush_acks()
         for record in self.records.values():
             record.close()
         self.records.clear()
@@ -252,37 +263,57 @@ class Subscriber:
         if outstanding is None:
             self.proxy.count(f"delivery-from-unknown-replica:{index}")
             return
-        accepted = []
-        events = nbytes = 0
-        for batch in delivery.batches:
-            if outstanding[0] > 0 and outstanding[1] > 0:
-                cost = credit_cost(batch)
-                size = batch_bytes(batch)
-                outstanding[0] -= cost
-                outstanding[1] -= size
-                events += cost
-                nbytes += size
-                accepted.append(batch)
-            else:
-                self.count(f"over-credit:replica-{index}")
+        batches = delivery.batches
+        if not batches:
+            return
+        counts = [credit_cost(batch) for batch in batches]
+        sizes = [len(batch[5]) + len(batch[6]) + BATCH_OVERHEAD for batch in batches]
+        events = sum(counts)
+        nbytes = sum(sizes)
+        if outstanding[0] - events + counts[-1] > 0 and outstanding[1] - nbytes + sizes[-1] > 0:
+            # the common case: the whole frame is within the credit
+            accepted = batches
+            outstanding[0] -= events
+            outstanding[1] -= nbytes
+        else:
+            accepted = []
+            events = nbytes = 0
+            for batch, count, size in zip(batches, counts, sizes):
+                if outstanding[0] > 0 and outstanding[1] > 0:
+                    outstanding[0] -= count
+                    outstanding[1] -= size
+                    events += count
+                    nbytes += size
+                    accepted.append(batch)
+                else:
+                    self.count(f"over-credit:replica-{index}")
+            counts = counts[: len(accepted)]
+            sizes = sizes[: len(accepted)]
         voter = self.voters[stream.tag]
         if not voter.holds_copies:
             owed = stream.owed[index]
             owed[0] += events
             owed[1] += nbytes
         now = self.clock.seconds()
-        decided = voter.offer(index, accepted, now)
+        if voter.holds_copies:
+            decided = voter.offer(index, accepted, now, list(zip(counts, sizes)))
+        else:
+            decided = voter.offer(index, accepted, now)
         self._decided(stream, decided)
         if voter.fetch_ready:
             self._fetch(stream.tag, voter.wanted(now))
 
     def _decided(self, stream, decided):
-        stream.in_hand.update((batch[0], batch[1]) for batch in decided)
-        if stream.busy:
-            stream.backlog.extend(decided)
-        elif decided:
-            self._hand_over(stream, decided)
-        self._settle(stream)
+        if decided:
+            stream.in_hand.update([(batch[0], batch[1]) for batch in decided])
+            if stream.busy:
+                stream.backlog.extend(decided)
+            else:
+                self._hand_over(stream, decided)
+        # credit and acknowledgements go out once per reactor turn, for every
+        # frame read in it
+        self._unsettled.add(stream)
+        self._end_turn_soon()
 
     def _settle(self, stream):
         """
@@ -303,10 +334,14 @@ class Subscriber:
         acks = voter.take_acks()
         if acks:
             in_hand = stream.in_hand
-            recent = self.clock.seconds() - RESEND_WINDOW
+            acked_at = self._acked_at
             linked_at = self._linked_at
             for index, key in acks:
-                if key not in in_hand and linked_at.get(index, 0.0) > recent:
+                if key in in_hand:
+                    continue
+                when = acked_at.get(key)
+                if when is None or when < linked_at.get(index, 0.0):
+                    # not acknowledged on that replica's current link: it may hold it
                     self._ack(stream.tag, (key,), index)
         for index, key in voter.take_dropped():
             self._ack(stream.tag, (key,), index, "dropped")
@@ -351,6 +386,13 @@ class Subscriber:
 
     def _handed(self, stream, keys):
         stream.in_hand.difference_update(keys)
+        now = self.clock.seconds()
+        acked_at = self._acked_at
+        for key in keys:
+            acked_at[key] = now
+        if len(acked_at) > ACKED_MEMORY:
+            for key in list(islice(acked_at, len(acked_at) - ACKED_MEMORY)):
+                del acked_at[key]
         if stream.record is not None:
             try:
                 stream.record.handed()
@@ -363,29 +405,64 @@ class Subscriber:
 
     def _ack(self, tag, keys, index=None, kind="keys"):
         """
-        Acknowledge C{keys} to every replica, or to replica C{index} only;
-        with C{kind} C{"dropped"}, tell it the voter gave those up undecided.
+        Acknowledge C{keys} of channel C{tag} to every replica, or to replica
+        C{index} only; with C{kind} C{"dropped"}, tell it the voter gave
+        those up undecided.
         """
-        pending = self._acks.get((tag, index, kind))
+        by_channel = self._acks.get((index, kind))
+        if by_channel is None:
+            by_channel = self._acks[(index, kind)] = {}
+        pending = by_channel.get(tag)
         if pending is None:
-            self._acks[(tag, index, kind)] = list(keys)
+            by_channel[tag] = list(keys)
         else:
             pending.extend(keys)
+        self._ack_count += len(keys)
+        if self._ack_count >= ACK_BATCH:
+            self._end_turn_soon()
+        elif self._ack_timer is None:
+            self._ack_timer = self.clock.callLater(ACK_DELAY, self._ack_due)
+
+    def _ack_due(self):
+        self._ack_timer = None
+        self._end_turn_soon()
+
+    def _end_turn_soon(self):
         if self._ack_call is None:
-            self._ack_call = self.clock.callLater(0, self._flush_acks)
+            self._ack_call = self.clock.callLater(0, self._end_turn)
+
+    def _end_turn(self):
+        self._ack_call = None
+        unsettled, self._unsettled = self._unsettled, set()
+        for stream in unsettled:
+            if self._streams.get(stream.tag) is stream:
+                self._settle(stream)
+        if self._ack_count >= ACK_BATCH or self._ack_timer is None:
+            self._flush_acks()
 
     def _flush_acks(self):
         """
-        Acknowledge to every replica what this turn handed over, in one
-        frame per channel.
+        Acknowledge to every replica what was handed over since the last
+        time: one frame per replica for every channel, cut into frames of
+        L{ACK_CHUNK} keys.
         """
-        self._ack_call = None
+        if self._ack_timer is not None and self._ack_timer.active():
+            self._ack_timer.cancel()
+        self._ack_timer = None
+        self._ack_count = 0
         acks, self._acks = self._acks, {}
-        for (tag, only, kind), keys in acks.items():
-            for start in range(0, len(keys), ACK_CHUNK):
-                request = Request(0, units.ACK, tag, options={kind: keys[start : start + ACK_CHUNK]})
-                for index in list(self.proxy.links) if only is None else (only,):
-                    self.proxy.send(index, request)
+        frames = {}
+        for (only, kind), by_channel in acks.items():
+            for tag, keys in by_channel.items():
+                for start in range(0, len(keys), ACK_CHUNK):
+                    frames.setdefault((only, start), {}).setdefault(kind, {})[tag] = keys[
+                        start : start + ACK_CHUNK
+                    ]
+        links = list(self.proxy.links)
+        for (only, _), options in frames.items():
+            request = Request(0, units.ACK, options=options)
+            for index in links if only is None else (only,):
+                self.proxy.send(index, request)
 
     def _grant(self, stream):
         """
@@ -398,6 +475,10 @@ class Subscriber:
                 continue
             outstanding = stream.outstanding[index]
             if outstanding[0] <= half_events or outstanding[1] <= half_bytes:
+                if self._ack_count:
+                    # what was taken is acknowledged before more is asked for, so a
+                    # replica holds no more unacknowledged than its credit
+                    self._flush_acks()
                 outstanding[0] += owed[0]
                 outstanding[1] += owed[1]
                 self.proxy.send(

@@ -222,10 +222,6 @@ class ReplicaProtocol(Protocol):
             self.schedule_flush(tag)
         elif method == units.UNSUBSCRIBE:
             self.drop_stream(tag)
-        elif method == units.ACK:
-            stream = self.streams.get(tag)
-            if stream is not None and stream.ready:
-                self.schedule_flush(tag)
 
     def notify(self, text, tag=""):
         """
