@@ -262,6 +262,9 @@ class RecordingSink:
     def offer(self, group):
         self.groups.append(group)
 
+    def full(self):
+        return False
+
     def take(self):
         self.on_taken(self, self.groups.pop(0))
 

@@ -5,7 +5,8 @@ TCP syslog (and to a JSON-lines file), a `fitbroker publish` publisher,
 and an rsyslog on loopback that writes every message it receives to a
 file.  rsyslog is stopped for 10 seconds and started again while events
 keep coming; what it wrote is compared by event id with what was
-published.
+published, and the file sink must keep growing during the outage (the
+window lets it run ahead of the syslog sink).
 """
 
 import collections
@@ -97,6 +98,8 @@ def sink_toml(port):
 client = "console"
 channels = ["events"]
 stats_interval = 0.5
+window = 1000                # groups the file may run ahead of rsyslog
+credit = 60                  # (window + 1) x credit within a replica's unacknowledged bound
 
 [[sinks]]
 kind = "syslog"
@@ -124,6 +127,23 @@ def wait_for_text(path, text, process, timeout=30):
         assert process.poll() is None, read(path)
         assert time.monotonic() < deadline, f"no {text!r} after {timeout} s:\n{read(path)[-3000:]}"
         time.sleep(0.1)
+
+
+def archive_lines(folder):
+    """
+    Return every JSON line the file sink wrote so far, across rotated files.
+    """
+    archive = os.path.join(folder, "archive")
+    if not os.path.isdir(archive):
+        return []
+    lines = []
+    for name in os.listdir(archive):
+        try:
+            with open(os.path.join(archive, name), "rb") as f:
+                lines += f.read().splitlines()
+        except FileNotFoundError:
+            pass  # rotated away while we listed: the next name holds it
+    return lines
 
 
 def last_counters(log):
@@ -182,7 +202,10 @@ def test_rsyslog_receives_every_event_across_a_restart(tmp_path):
         time.sleep(4.0)
         stopped_at.append(len(published))
         receiver.stop()
-        time.sleep(OUTAGE)
+        time.sleep(1.0)
+        archived_early = len(archive_lines(folder))
+        time.sleep(OUTAGE - 1.0)
+        archived_late = len(archive_lines(folder))
         restarted_at = len(published)
         receiver.start()
         time.sleep(3.0)
@@ -226,12 +249,11 @@ def test_rsyslog_receives_every_event_across_a_restart(tmp_path):
         index = int(content[3:])
         assert stopped_at[0] - window <= index < restarted_at, (content, stopped_at, restarted_at)
     assert int(counters["siem.retried"]) >= 1
+    # While rsyslog was down the file sink kept taking new events.
+    assert archived_late - archived_early >= 0.5 * RATE * (OUTAGE - 1.0), (archived_early, archived_late)
     # The file sink has every event exactly once, across rotated files.
     archive = os.path.join(folder, "archive")
-    lines = []
-    for name in os.listdir(archive):
-        with open(os.path.join(archive, name), "rb") as f:
-            lines += [json.loads(line) for line in f.read().splitlines()]
+    lines = [json.loads(line) for line in archive_lines(folder)]
     assert sorted(r["content"] for r in lines) == sorted(expected)
     assert len(os.listdir(archive)) > 1
     print(f"published {len(expected)}, repeats {sum(repeats.values())}, counters {counters}")

@@ -24,12 +24,24 @@ class ISink(Interface):
 
     def snapshot():
         """
-        Return the counters: forwarded, retried, repeats-possible, held, state.
+        Return the counters: forwarded, retried, repeats-possible, held,
+        held-bytes, state.
         """
 
     def held():
         """
         Return how many events wait in this sink now.
+        """
+
+    def held_bytes():
+        """
+        Return how many bytes (as the sink writes them) wait in it now.
+        """
+
+    def full():
+        """
+        Whether what waits reached the sink's backlog bound (in events or
+        bytes): the forwarder then offers no sink new groups.
         """
 
     def stop():

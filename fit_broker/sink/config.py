@@ -3,6 +3,8 @@ The sink process's own settings: C{sink.toml} beside the cluster file.
 
     client = "siem"                       # the cluster client to act as
     channels = ["events", "alerts"]       # what to forward
+    window = 64                           # groups per channel a slow sink may trail by
+    metrics = "tcp:9480:interface=127.0.0.1"  # optional Prometheus /metrics
 
     [[sinks]]
     kind = "syslog"
@@ -19,6 +21,8 @@ The sink process's own settings: C{sink.toml} beside the cluster file.
     path = "/var/log/fitbroker/events.jsonl"
     max_bytes = 104857600                 # rotate past this size
     keep = 5                              # events.jsonl.1 .. .5
+    backlog_events = 100000               # (any sink) most events held while
+    backlog_bytes = 67108864              # it is down, before every sink waits
 
     [console]
     listen = "tcp:8480:interface=127.0.0.1"
@@ -34,15 +38,22 @@ import attrs
 from fit_broker.config import read_toml
 from fit_broker.errors import ConfigError
 from fit_broker.keys import check_client_name
+from fit_broker.units import MAX_CREDIT_BYTES, MAX_CREDIT_EVENTS
 from fit_broker.syslog.config import _Reader, _resolve
 
 DEFAULT_FILE = "sink.toml"
 DEFAULT_CONSOLE = "tcp:8480:interface=127.0.0.1"
+DEFAULT_WINDOW = 64
+#: The subscriber's own default credit in bytes, per replica and channel.
+DEFAULT_CREDIT_BYTES = 1 << 20
+MAX_WINDOW = 4096
+DEFAULT_BACKLOG_EVENTS = 100_000
+DEFAULT_BACKLOG_BYTES = 64 * 1024 * 1024
 
 _TOP_KEYS = frozenset(
-    {"client", "channels", "sinks", "console", "hostname", "stats_interval", "credit"}
+    {"client", "channels", "sinks", "console", "hostname", "stats_interval", "credit", "window", "metrics"}
 )
-_COMMON_KEYS = frozenset({"kind", "name"})
+_COMMON_KEYS = frozenset({"kind", "name", "backlog_events", "backlog_bytes"})
 _SYSLOG_KEYS = _COMMON_KEYS | {
     "connect", "tls", "ca", "server_name", "certificate", "private_key",
     "facility", "app_name", "window_events", "window_bytes", "confirm_after",
@@ -55,6 +66,10 @@ _CONSOLE_KEYS = frozenset({"listen", "channels", "allowed_hosts", "recent"})
 class SyslogSinkSpec:
     """
     Forward as RFC 5424 over TCP (or TLS) with octet counting.
+
+    @ivar backlog_events: the most events waiting to be sent (the receiver
+        is down or slow) before the forwarder stops giving any sink new
+        groups; also in C{backlog_bytes}.  Every sink kind has these.
 
     @ivar window_events: the most events written but not yet taken as
         received, resent after a reconnection; also in C{window_bytes}.
@@ -75,6 +90,8 @@ class SyslogSinkSpec:
     window_events: int = 20_000
     window_bytes: int = 16 * 1024 * 1024
     confirm_after: float = 1.0
+    backlog_events: int = DEFAULT_BACKLOG_EVENTS
+    backlog_bytes: int = DEFAULT_BACKLOG_BYTES
     kind: str = "syslog"
 
     def host(self):
@@ -100,6 +117,8 @@ class FileSinkSpec:
     max_bytes: int = 100 * 1024 * 1024
     keep: int = 5
     fsync: bool = False
+    backlog_events: int = DEFAULT_BACKLOG_EVENTS
+    backlog_bytes: int = DEFAULT_BACKLOG_BYTES
     kind: str = "file"
 
 
@@ -119,9 +138,17 @@ class ConsoleSpec:
 @attrs.frozen
 class SinkSettings:
     """
-    @ivar credit: events per replica and channel the subscriber may hold;
-        with the one group per channel a sink waits on, this bounds what
-        every sink holds in memory.
+    @ivar credit: events per replica and channel the subscriber may hold
+        undecided or waiting for a hand-over.
+    @ivar window: groups per channel handed to the forwarder and not yet
+        held by every sink: how far a healthy sink may run ahead of one
+        that is down before the stream holds.  A replica keeps at most
+        C{MAX_CREDIT_EVENTS} events and C{MAX_CREDIT_BYTES} bytes sent to a
+        subscriber and not acknowledged, and each open group holds up to a
+        credit's worth, so C{(window + 1) * credit} must stay within that
+        (and L{credit_bytes} is cut to fit).
+    @ivar metrics: the server endpoint string Prometheus metrics are
+        served on, or C{None}.
     """
 
     client: str
@@ -131,7 +158,17 @@ class SinkSettings:
     hostname: str | None = None
     stats_interval: float = 60.0
     credit: int = 1000
+    window: int = DEFAULT_WINDOW
+    metrics: str | None = None
     path: str = "<sink settings>"
+
+    def credit_bytes(self):
+        """
+        Return the credit in bytes per replica and channel: the subscriber's
+        default, or less, so that C{window + 1} credits of open groups stay
+        within what a replica keeps unacknowledged.
+        """
+        return max(1, min(DEFAULT_CREDIT_BYTES, MAX_CREDIT_BYTES // (self.window + 1)))
 
     def console_channels(self):
         """
@@ -146,6 +183,13 @@ def _strings(reader, key, default, what):
     if not all(isinstance(v, str) and v for v in values):
         reader.fail(key, f"a list of {what} (non-empty strings)")
     return tuple(values)
+
+
+def _backlog(reader):
+    return {
+        "backlog_events": reader.number("backlog_events", int, DEFAULT_BACKLOG_EVENTS, 1),
+        "backlog_bytes": reader.number("backlog_bytes", int, DEFAULT_BACKLOG_BYTES, 1024),
+    }
 
 
 def _syslog_sink(reader, name, folder):
@@ -172,6 +216,7 @@ def _syslog_sink(reader, name, folder):
         window_events=reader.number("window_events", int, 20_000, 1),
         window_bytes=reader.number("window_bytes", int, 16 * 1024 * 1024, 1024),
         confirm_after=reader.number("confirm_after", float, 1.0, 0.0),
+        **_backlog(reader),
         **files,
     )
     if tls and not (spec.server_name or spec.host()):
@@ -190,6 +235,7 @@ def _file_sink(reader, name, folder):
         max_bytes=reader.number("max_bytes", int, 100 * 1024 * 1024, 1024),
         keep=reader.number("keep", int, 5, 0, 1000),
         fsync=reader.get("fsync", bool, "true or false", False),
+        **_backlog(reader),
     )
 
 
@@ -230,6 +276,18 @@ def parse_settings(path, data):
             sinks.append(_file_sink(reader, name, folder))
         else:
             reader.fail("kind", f"'syslog' or 'file', found {kind!r}")
+    credit = top.number("credit", int, 1000, 1, 100_000)
+    window = top.number("window", int, DEFAULT_WINDOW, 1, MAX_WINDOW)
+    if (window + 1) * credit > MAX_CREDIT_EVENTS:
+        top.fail(
+            "window",
+            f"at most {MAX_CREDIT_EVENTS // credit - 1} with credit = {credit}: (window + 1) x credit "
+            f"must stay within the {MAX_CREDIT_EVENTS} events a replica keeps unacknowledged, "
+            f"found {window}",
+        )
+    metrics = top.get("metrics", str, "a server endpoint string like 'tcp:9480:interface=127.0.0.1'", None)
+    if metrics is not None and not metrics:
+        top.fail("metrics", "a server endpoint string like 'tcp:9480:interface=127.0.0.1', found ''")
     console = None
     if "console" in data:
         table = top.sub("console")
@@ -250,7 +308,9 @@ def parse_settings(path, data):
         console=console,
         hostname=top.get("hostname", str, "a host name", None),
         stats_interval=top.number("stats_interval", float, 60.0, 0.0, low_open=True),
-        credit=top.number("credit", int, 1000, 1, 100_000),
+        credit=credit,
+        window=window,
+        metrics=metrics,
         path=path,
     )
 

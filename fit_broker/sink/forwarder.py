@@ -1,21 +1,31 @@
 """
-Fan-out of voted events to every sink, holding the subscriber until all
-of them took each group.
+Fan-out of voted events to every sink, each sink at its own pace, holding
+the subscriber only when one falls too far behind.
 
-The subscriber hands a channel's events over in groups and sends no more
-of that channel until the Deferred it got back fires; it acknowledges them
-to the replicas only then.  L{Forwarder.forward} returns a Deferred that
-fires once every sink holds the group: written to its file, or handed to a
-connected syslog transport and kept in a resend window.  A sink that is
-down keeps its group (and so holds the stream: that is the backpressure)
-and retries with backoff; the other sinks still write each group at once
-and never wait on its I/O.  What a sink holds is bounded by the
-subscriber's credit: one group per channel.
+The subscriber hands a channel's events over in groups, up to C{window}
+groups whose Deferreds have not fired, and acknowledges each group to the
+replicas when its own Deferred fires.  L{Forwarder.forward} returns a
+Deferred that fires once every sink holds the group: written to its file,
+or handed to a connected syslog transport and kept in a resend window.
+
+Each sink keeps its own queue, so a sink that is down (and retries with
+backoff) does not stop the others: they keep taking new groups, and the
+down sink's queue grows, until one of two bounds holds everything:
+
+ - the subscriber's window: that many groups per channel are not held by
+   every sink, so it hands over no more (the replicas keep the rest, since
+   nothing past the window was acknowledged);
+ - the sink's backlog, C{backlog_events} and C{backlog_bytes}: while a
+   sink holds that much, new groups wait in the forwarder and no sink is
+   offered them, so the healthy sinks stay at most one backlog ahead.
+
+Nothing is lost either way; a group offered to a sink below its bounds
+may take it past them by that one group.
 
 Each sink counts C{forwarded} (events it took), C{retried} (failed writes
 and connections), C{repeats-possible} (events sent again after a
-reconnection, which a receiver may see twice) and C{held} (events waiting
-now, a gauge).
+reconnection, which a receiver may see twice), and reports C{held} and
+C{held-bytes} (what waits in it now, gauges) and C{state}.
 """
 
 from collections import deque
@@ -69,11 +79,20 @@ class Forwarder:
     """
     Hands every group to every sink and fires the group's Deferred when all
     of them took it.
+
+    @ivar forwarded: events every sink took.
+    @ivar open_groups: groups handed over and not yet held by every sink.
+    @ivar waiting_events: events of groups no sink was offered yet, because
+        some sink's backlog is full.
     """
 
     def __init__(self, sinks):
         self.sinks = list(sinks)
         self.forwarded = 0
+        self.open_groups = 0
+        self.waiting_events = 0
+        self._waiting = deque()
+        self._offering = False
         for sink in self.sinks:
             sink.on_taken = self._taken
 
@@ -85,15 +104,42 @@ class Forwarder:
         if not events:
             return succeed(None)
         group = Group(tag, events, {sink.name for sink in self.sinks})
-        for sink in self.sinks:
-            sink.offer(group)
+        self.open_groups += 1
+        self._waiting.append(group)
+        self.waiting_events += len(events)
+        self._offer_waiting()
         return group.deferred
+
+    def full(self):
+        """
+        Return the names of the sinks whose backlog is at its bound.
+        """
+        return [sink.name for sink in self.sinks if sink.full()]
+
+    def _offer_waiting(self):
+        # A sink may take a group (and fire Deferreds, which may hand over
+        # more) while it is being offered: one loop offers, in order.
+        if self._offering:
+            return
+        self._offering = True
+        try:
+            waiting, sinks = self._waiting, self.sinks
+            while waiting and not any(sink.full() for sink in sinks):
+                group = waiting.popleft()
+                self.waiting_events -= len(group.events)
+                for sink in sinks:
+                    sink.offer(group)
+        finally:
+            self._offering = False
 
     def _taken(self, sink, group):
         group.waiting.discard(sink.name)
         if not group.waiting and not group.deferred.called:
             self.forwarded += len(group.events)
+            self.open_groups -= 1
             group.deferred.callback(None)
+        if self._waiting:
+            self._offer_waiting()
 
     def snapshot(self):
         """
@@ -112,8 +158,13 @@ class _Counting:
     def snapshot(self):
         counters = dict(self.counters)
         counters["held"] = self.held()
+        counters["held-bytes"] = self.held_bytes()
         counters["state"] = self.state()
         return counters
+
+    def full(self):
+        spec = self.spec
+        return self.held() >= spec.backlog_events or self.held_bytes() >= spec.backlog_bytes
 
 
 @implementer(ISink)
@@ -134,12 +185,17 @@ class FileSink(_Counting):
         self.backoff = backoff or Backoff()
         self.on_taken = lambda sink, group: None
         self._queue = deque()
+        self._held = 0
+        self._held_bytes = 0
         self._retry = None
         self._error = None
         self._init_counters()
 
     def offer(self, group):
-        self._queue.append([group, [json_line(group.tag, e) for e in group.events]])
+        lines = [json_line(group.tag, e) for e in group.events]
+        self._queue.append([group, lines])
+        self._held += len(lines)
+        self._held_bytes += sum(map(len, lines))
         if self._retry is None:
             self._drain()
 
@@ -152,6 +208,8 @@ class FileSink(_Counting):
                 self.file.append(lines)
             except WriteError as e:
                 entry[1] = lines[e.written :]
+                self._held -= e.written
+                self._held_bytes -= sum(map(len, lines[: e.written]))
                 self.count("retried")
                 delay = self.backoff.next_delay()
                 if self._error != e.strerror:
@@ -167,11 +225,16 @@ class FileSink(_Counting):
                 self._error = None
             self.backoff.reset()
             self._queue.popleft()
+            self._held -= len(lines)
+            self._held_bytes -= sum(map(len, lines))
             self.count("forwarded", len(group.events))
             self.on_taken(self, group)
 
     def held(self):
-        return sum(len(lines) for _, lines in self._queue)
+        return self._held
+
+    def held_bytes(self):
+        return self._held_bytes
 
     def state(self):
         return "retrying" if self._error is not None else "up"
@@ -201,6 +264,8 @@ class StreamWindow:
         self.max_bytes = max_bytes
         self.confirm_after = confirm_after
         self.pending = deque()
+        self.pending_events = 0
+        self.pending_bytes = 0
         self.sent = deque()
         self.sent_events = 0
         self.sent_bytes = 0
@@ -210,6 +275,8 @@ class StreamWindow:
         Queue C{frames} (bytes) of a group identified by C{token}.
         """
         self.pending.append([token, frames, 0])
+        self.pending_events += len(frames)
+        self.pending_bytes += sum(map(len, frames))
 
     def confirm(self, now):
         """
@@ -250,6 +317,8 @@ class StreamWindow:
         if out:
             self.sent.append((now, data, len(out)))
             self.sent_events, self.sent_bytes = events, size
+            self.pending_events -= len(out)
+            self.pending_bytes -= len(data)
         return data, tokens
 
     def resend(self, now):
@@ -276,7 +345,7 @@ class StreamWindow:
         """
         Return how many events wait to be sent.
         """
-        return sum(len(frames) - index for _, frames, index in self.pending)
+        return self.pending_events
 
 
 class _SyslogConnection(Protocol):
@@ -408,6 +477,9 @@ class SyslogSink(_Counting):
 
     def held(self):
         return self.window.held()
+
+    def held_bytes(self):
+        return self.window.pending_bytes
 
     def state(self):
         return "up" if self.connection is not None else "down"

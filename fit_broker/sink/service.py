@@ -2,7 +2,7 @@
 The sink process as a Twisted service tree: a client session that
 subscribes to the configured channels, the forwarder and its sinks (each
 syslog sink kept connected by a C{ClientService}), a timer that logs the
-counters, and the web console when configured.
+counters, and the web console and Prometheus metrics when configured.
 """
 
 import socket
@@ -130,6 +130,8 @@ class SinkClient(Service):
             keys=self.keys,
             endpoints=self.endpoints,
             credit=self.settings.credit,
+            credit_bytes=self.settings.credit_bytes(),
+            window=self.settings.window,
         )
         self._subscribe_all()
 
@@ -184,7 +186,7 @@ class SinkClient(Service):
             self._retry.cancel()
         for sink in self.forwarder.sinks:
             sink.stop()
-        held = sum(sink.held() for sink in self.forwarder.sinks)
+        held = self.forwarder.waiting_events + sum(sink.held() for sink in self.forwarder.sinks)
         if held:
             self.log.warn(
                 "sink stopped with {held} event(s) not written; the replicas keep them "
@@ -265,10 +267,12 @@ def make_sink_service(cluster, settings, reactor, keys=None, endpoints=None, ope
     Return the sink process's service tree for C{cluster} (a
     L{fit_broker.config.ClusterConfig}) and C{settings} (a
     L{fit_broker.sink.config.SinkSettings}).  The top service has
-    C{forwarder}, C{client} and C{console} (or C{None}) attributes.
+    C{forwarder}, C{client}, C{console} and C{metrics} (or C{None})
+    attributes.
 
     @raise ConfigError: when the cluster does not let the client read a
-        channel, or a sink's endpoint or TLS files are wrong.
+        channel, or a sink's endpoint or TLS files or the metrics endpoint
+        are wrong.
     """
     check_against_cluster(settings, cluster)
     hostname = settings.hostname or socket.gethostname()
@@ -305,4 +309,11 @@ def make_sink_service(cluster, settings, reactor, keys=None, endpoints=None, ope
 
         top.console = console_service(settings.console, client, reactor)
         top.console.setServiceParent(top)
+    top.metrics = None
+    if settings.metrics is not None:
+        from fit_broker.metrics import metrics_service
+        from fit_broker.sink.metrics import sink_families
+
+        top.metrics = metrics_service(settings.metrics, reactor, lambda: sink_families(client))
+        top.metrics.setServiceParent(top)
     return top
