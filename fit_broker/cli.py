@@ -190,7 +190,28 @@ async def _connect(reactor, config, client, **options):
     except FitBrokerError as e:
         session.stop()
         raise CommandError(f"cannot reach the cluster: {e}") from None
+    warning = clock_warning(session.proxy.clock_offset())
+    if warning:
+        print(f"fitbroker: warning: {warning}", file=sys.stderr)
     return session
+
+
+#: Seconds of clock difference with the replicas worth a warning.
+CLOCK_WARNING = 10.0
+
+
+def clock_warning(offset):
+    """
+    Return a warning when this host's clock is C{offset} seconds behind the
+    replicas' (negative: ahead) by more than L{CLOCK_WARNING}, else C{None}.
+    """
+    if offset is None or abs(offset) <= CLOCK_WARNING:
+        return None
+    way = "behind" if offset > 0 else "ahead of"
+    return (
+        f"this host's clock is {abs(offset):.0f} s {way} the replicas'; events it publishes "
+        "may be refused or expire early, and TTLs are judged against the wrong time"
+    )
 
 
 def _version():

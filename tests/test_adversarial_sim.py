@@ -375,3 +375,41 @@ def test_skipping_the_backlog_says_how_many_events_were_skipped():
     got = subscribe(net, third)
     net.run(1)
     assert sorted(e.event_id for e in got) == sorted(d.result)
+
+
+def test_a_window_of_hand_overs_lets_a_consumer_hold_several_groups():
+    """With window=3 a consumer holds three groups at once; each is acknowledged when its own Deferred fires, in any order, and a fourth waits."""
+    from twisted.internet.defer import Deferred
+
+    net = SimNet(cluster_config(("events",), clients=CLIENTS))
+    probe = net.client("probe")
+    console = net.client("console", window=3)
+    held = []
+
+    def hold(events):
+        d = Deferred()
+        held.append((events, d))
+        return d
+
+    console.subscriber.subscribe("events", hold)
+    net.run()
+    for round_ in range(4):
+        probe.publisher.publish_many("events", [b"w%d-%d" % (round_, i) for i in range(5)])
+        net.run()
+    assert len(held) == 3, "a fourth group waits until one finishes"
+    queue = net.replicas[0].broker.channels["events"].queues["console"]
+    held[1][1].callback(None)
+    net.run(1)
+    assert queue.counters["delivered"] == 5
+    assert len(held) == 4
+    for _, d in (held[0], held[2], held[3]):
+        d.callback(None)
+    net.run(1)
+    assert queue.counters["delivered"] == 20
+
+
+def test_a_state_folder_needs_one_hand_over_at_a_time(tmp_path):
+    """A subscriber cannot be given both a delivery record and a window of several hand-overs."""
+    net = SimNet(cluster_config(("events",), clients=CLIENTS))
+    with pytest.raises(ValueError):
+        net.client("console", window=2, state_dir=str(tmp_path))

@@ -283,3 +283,25 @@ def test_publish_to_a_stopped_cluster_fails_fast(tmp_path):
     assert elapsed < 6, f"took {elapsed:.1f} s"
     named = [i for i, port in enumerate(ports) if f"replica {i} at tcp:127.0.0.1:{port}: Connection was refused" in err]
     assert len(named) >= 3, err  # 2 of 4 needed: hopeless once 3 refused
+
+
+def test_the_replicas_clock_comes_with_the_hello_and_the_median_counts():
+    """A client learns each replica's clock from its hello reply; the median offset is what a warning uses, so one lying replica cannot move it."""
+    from twisted.internet.task import Clock
+
+    from fit_broker.cli import clock_warning
+    from fit_broker.client.proxy import ServiceProxy
+    from tests.simnet import cluster_config
+
+    clock = Clock()
+    clock.advance(1000)
+    proxy = ServiceProxy(cluster_config(), "probe", clock, endpoints=[object()] * 4)
+    assert proxy.clock_offset() is None
+    proxy.clock_seen(0, 1600.0, 1000.0)
+    proxy.clock_seen(1, 1600.5, 1000.0)
+    proxy.clock_seen(2, 9e99, 1000.0)
+    proxy.clock_seen(3, float("nan"), 1000.0)
+    assert proxy.clock_offset() == 600.5
+    assert "600 s behind" in clock_warning(proxy.clock_offset())
+    assert clock_warning(-30.0).startswith("this host's clock is 30 s ahead of")
+    assert clock_warning(3.0) is None

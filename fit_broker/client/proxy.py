@@ -54,9 +54,11 @@ class ReplicaLink(Protocol):
         self.decoder = FrameDecoder(DEFAULT_MAX_FRAME)
         self.ready = False
         self._answered = False
+        self._hello_sent = proxy.reactor.seconds()
         self._reset = False
 
     def connectionMade(self):
+        self._hello_sent = self.proxy.reactor.seconds()
         self.transport.write(
             encode_request(
                 Request(
@@ -122,6 +124,7 @@ class ReplicaLink(Protocol):
                 raise _BadLink("bad-hello", f"a hello reply as replica {shorten(claimed)!r}")
             self._answered = True
             self.ready = True
+            self.proxy.clock_seen(self.index, reply.info.get("now"), self._hello_sent)
             self.proxy.link_up(self.index, self)
         else:
             self._answered = True
@@ -218,6 +221,7 @@ class ServiceProxy:
         self.links = {}
         self.refusals = {}
         self.unreachable = {}
+        self.clock_offsets = {}
         self.counters = {}
         self.session = os.urandom(8).hex()
         self.warnings = RateLimitedLog(self.log, reactor)
@@ -322,6 +326,28 @@ class ServiceProxy:
         if not self.links and not self.refusals:
             text += "; is the cluster running?"
         return text
+
+    def clock_seen(self, index, replica_now, sent):
+        """
+        Note replica C{index}'s clock as its hello reply gave it, against
+        ours halfway through the round trip since C{sent}.
+        """
+        if type(replica_now) not in (int, float) or replica_now != replica_now:
+            return
+        now = self.reactor.seconds()
+        offset = replica_now - (sent + now) / 2
+        if abs(offset) < 1e9:
+            self.clock_offsets[index] = offset
+
+    def clock_offset(self):
+        """
+        Return how far the replicas' clocks are ahead of ours (the median of
+        what their hellos said, so f liars cannot move it far), or C{None}.
+        """
+        offsets = sorted(self.clock_offsets.values())
+        if not offsets:
+            return None
+        return offsets[len(offsets) // 2]
 
     def link_up(self, index, link):
         self.links[index] = link

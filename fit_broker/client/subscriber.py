@@ -49,7 +49,7 @@ class _Stream:
     credit owed back to it.
     """
 
-    __slots__ = ("tag", "callback", "batches", "busy", "backlog", "outstanding", "owed",
+    __slots__ = ("tag", "callback", "batches", "unfinished", "window", "backlog", "outstanding", "owed",
                  "takeover", "record", "in_hand")
 
     def __init__(self, tag, callback, batches, takeover, record):
@@ -58,12 +58,20 @@ class _Stream:
         self.batches = batches
         self.takeover = takeover
         self.record = record
-        self.busy = False
+        self.unfinished = 0
+        self.window = 1
         self.backlog = []
         # decided, not yet taken by the application: acknowledged only once it is
         self.in_hand = set()
         self.outstanding = {}
         self.owed = {}
+
+    @property
+    def busy(self):
+        """
+        True while as many hand-overs as allowed wait for the application.
+        """
+        return self.unfinished >= self.window
 
 
 class Subscriber:
@@ -93,7 +101,17 @@ class Subscriber:
     log = Logger()
 
     def __init__(self, proxy, clock, schemes, keys=None, credit=DEFAULT_CREDIT,
-                 credit_bytes=DEFAULT_CREDIT_BYTES, state_dir=None):
+                 credit_bytes=DEFAULT_CREDIT_BYTES, state_dir=None, window=1):
+        """
+        @param window: how many hand-overs (callbacks whose Deferred has not
+            fired) a stream may have at once; each is acknowledged when its
+            own Deferred fires.  More than one suits consumers that hold
+            groups in parallel (a sink with several destinations); a
+            delivery record needs one at a time, so C{state_dir} needs 1.
+        """
+        if window < 1 or (state_dir is not None and window != 1):
+            raise ValueError("window must be 1 with a state folder, and at least 1")
+        self.window = window
         self.proxy = proxy
         self.config = proxy.config
         self.client = proxy.client
@@ -216,6 +234,7 @@ class Subscriber:
         options = {"resume": bool(resume)}
         if callback is not None:
             stream = self._streams[tag] = _Stream(tag, callback, batches, takeover, record)
+            stream.window = self.window
             options.update(self._stream_options(stream))
             for index in range(len(self.config.replicas)):
                 self._reset_credit(stream, index)
@@ -370,12 +389,12 @@ class Subscriber:
         if not isinstance(result, Deferred):
             self._handed(stream, keys)
             return
-        stream.busy = True
+        stream.unfinished += 1
 
         def done(_):
-            stream.busy = False
+            stream.unfinished -= 1
             self._handed(stream, keys)
-            if stream.backlog:
+            if stream.backlog and not stream.busy:
                 backlog, stream.backlog = stream.backlog, []
                 self._hand_over(stream, backlog)
             if not stream.busy:

@@ -115,7 +115,11 @@ class Replica:
         return None
 
     def describe(self):
-        return {"replica": self.index, "cluster": self.config.name}
+        """
+        What a client learns in the hello reply: who answered, and this
+        replica's clock, so a client whose clock is far off can say so.
+        """
+        return {"replica": self.index, "cluster": self.config.name, "now": self.clock.seconds()}
 
     def handle(self, client, request):
         if request.method == units.STATUS:
