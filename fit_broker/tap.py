@@ -6,11 +6,10 @@ from twisted.python import usage
 
 from fit_broker.config import load_config
 from fit_broker.errors import ConfigError
+from fit_broker.twistd_files import default_twistd_files
 
 PROGRAM = "fitbroker"
 
-_TWISTD_DEFAULT_PIDFILE = "twistd.pid"
-_TWISTD_DEFAULT_LOGFILE = None
 
 
 class Options(usage.Options):
@@ -31,7 +30,7 @@ class Options(usage.Options):
             raise usage.UsageError("--config and --replica-id go together")
         if config_path is None:
             self["cluster"] = None
-            self._default_twistd_files("fitbroker-local")
+            default_twistd_files(self, "fitbroker-local")
             return
         try:
             cluster = load_config(config_path)
@@ -50,21 +49,7 @@ class Options(usage.Options):
             )
         self["cluster"] = cluster
         self["replica-id"] = index
-        self._default_twistd_files(f"fitbroker-{cluster.name}-replica-{index}")
-
-    def _default_twistd_files(self, stem):
-        """
-        Give each replica its own pid and log file unless the user chose, so
-        that several replicas started from one folder do not trip over each
-        other.
-        """
-        parent = self.parent
-        if parent is None:
-            return
-        if parent.get("pidfile") == _TWISTD_DEFAULT_PIDFILE:
-            parent["pidfile"] = f"{stem}.pid"
-        if "logfile" in parent and parent["logfile"] is _TWISTD_DEFAULT_LOGFILE and not parent.get("nodaemon"):
-            parent["logfile"] = f"{stem}.log"
+        default_twistd_files(self, f"fitbroker-{cluster.name}-replica-{index}")
 
 
 def config_problem(options, program, message):

@@ -5,9 +5,8 @@ C{twistd fitbroker-sink}: forward a cluster's voted events to SIEMs.
 from twisted.python import usage
 
 from fit_broker.errors import ConfigError, FitBrokerError
+from fit_broker.twistd_files import default_twistd_files
 
-_TWISTD_DEFAULT_PIDFILE = "twistd.pid"
-_TWISTD_DEFAULT_LOGFILE = None
 
 
 def load(cluster_path, settings_path=None):
@@ -52,24 +51,7 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         self["cluster"] = cluster
         self["settings"] = settings
-        self._default_twistd_files(f"fitbroker-sink-{cluster.name}")
-
-    def _default_twistd_files(self, stem):
-        """
-        Keep the sink's pid and log files apart from the replicas' when they
-        run from one folder, unless the user chose.
-        """
-        parent = self.parent
-        if parent is None:
-            return
-        if parent.get("pidfile") == _TWISTD_DEFAULT_PIDFILE:
-            parent["pidfile"] = f"{stem}.pid"
-        if (
-            "logfile" in parent
-            and parent["logfile"] is _TWISTD_DEFAULT_LOGFILE
-            and not parent.get("nodaemon")
-        ):
-            parent["logfile"] = f"{stem}.log"
+        default_twistd_files(self, f"fitbroker-sink-{cluster.name}")
 
 
 def makeService(options, reactor=None):

@@ -6,11 +6,10 @@ from twisted.python import usage
 
 from fit_broker.errors import ConfigError
 from fit_broker.tap import config_problem, prepare_to_start
+from fit_broker.twistd_files import default_twistd_files
 
 PROGRAM = "fitbroker-syslog"
 
-_TWISTD_DEFAULT_PIDFILE = "twistd.pid"
-_TWISTD_DEFAULT_LOGFILE = None
 
 
 class Options(usage.Options):
@@ -54,24 +53,7 @@ class Options(usage.Options):
             config_problem(self, PROGRAM, str(e))
         self["cluster"] = cluster
         self["settings"] = settings
-        self._default_twistd_files(f"fitbroker-syslog-{cluster.name}")
-
-    def _default_twistd_files(self, stem):
-        """
-        Keep the adapter's pid and log files apart from the replicas' when
-        they run from one folder, unless the user chose.
-        """
-        parent = self.parent
-        if parent is None:
-            return
-        if parent.get("pidfile") == _TWISTD_DEFAULT_PIDFILE:
-            parent["pidfile"] = f"{stem}.pid"
-        if (
-            "logfile" in parent
-            and parent["logfile"] is _TWISTD_DEFAULT_LOGFILE
-            and not parent.get("nodaemon")
-        ):
-            parent["logfile"] = f"{stem}.log"
+        default_twistd_files(self, f"fitbroker-syslog-{cluster.name}")
 
 
 def makeService(options, reactor=None):
