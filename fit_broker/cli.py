@@ -66,7 +66,7 @@ def _parser():
     common(tail)
     tail.add_argument(
         "--count", type=int, default=None,
-        help="exit after N events (the rest of a batch cut short comes again next time)",
+        help="exit after N events (the rest of a batch cut short is printed next time)",
     )
     tail.add_argument(
         "--resume", action="store_true",
@@ -338,6 +338,60 @@ def _state_dir(args, config, client):
     return os.path.dirname(DeliveryRecord.default_path(config.name, client, "channel"))
 
 
+class PartlyPrinted:
+    """
+    What `tail --count` printed of the group of batches it stopped in: that
+    group is not acknowledged, so it comes again, and the events already
+    printed from it are skipped then.  Kept beside the delivery state, or
+    in memory only.
+    """
+
+    def __init__(self, state_dir):
+        self.path = os.path.join(state_dir, "tail-partial.json") if state_dir else None
+        self.printed_of = {}
+        if self.path is not None:
+            try:
+                with open(self.path) as f:
+                    saved = json.load(f)
+                if isinstance(saved, dict):
+                    self.printed_of = {
+                        key: count for key, count in saved.items()
+                        if isinstance(key, str) and isinstance(count, int)
+                    }
+            except (OSError, ValueError):
+                pass
+
+    @staticmethod
+    def _key(tag, batch):
+        return json.dumps([tag, batch.publisher, batch.first_id])
+
+    def printed(self, tag, batch):
+        return self.printed_of.get(self._key(tag, batch), 0)
+
+    def cut(self, progress):
+        """
+        Remember C{(tag, batch, events printed)} for each batch of the group
+        stopped in.
+        """
+        for tag, batch, count in progress:
+            self.printed_of[self._key(tag, batch)] = count
+        self._save()
+
+    def done(self, tag, batch):
+        if self.printed_of.pop(self._key(tag, batch), None) is not None:
+            self._save()
+
+    def _save(self):
+        if self.path is None:
+            return
+        try:
+            with open(self.path + ".new", "w") as f:
+                json.dump(self.printed_of, f)
+            os.replace(self.path + ".new", self.path)
+        except OSError:
+            pass
+
+
 async def _tail(reactor, args):
     from twisted.internet.defer import Deferred
 
@@ -353,23 +407,32 @@ async def _tail(reactor, args):
     finished = Deferred()
     printed = [0]
     out = sys.stdout
+    partial = PartlyPrinted(state_dir)
 
     def printer(tag):
-        def show(events):
-            for position, event in enumerate(events):
-                if args.count is not None and printed[0] >= args.count:
-                    # not acknowledged: this group comes again, whole, next time
-                    return Deferred()
-                out.write(event_json(tag, event) + "\n")
-                printed[0] += 1
-                if args.count is not None and printed[0] >= args.count:
-                    out.flush()
-                    # finish once this group is recorded as printed
-                    reactor.callLater(0, lambda: finished.called or finished.callback(None))
-                    if position + 1 < len(events):
+        def show(batches):
+            progress = []
+            for batch in batches:
+                skip = partial.printed(tag, batch)
+                count = len(batch.contents)
+                for event in batch.events()[skip:]:
+                    if args.count is not None and printed[0] >= args.count:
+                        # not acknowledged: this group comes again next time, and
+                        # what was printed of it is skipped then
+                        progress.append((tag, batch, event.event_id - batch.first_id))
+                        partial.cut(progress)
+                        out.flush()
+                        reactor.callLater(0, lambda: finished.called or finished.callback(None))
                         return Deferred()
-                    return None
+                    out.write(event_json(tag, event) + "\n")
+                    printed[0] += 1
+                progress.append((tag, batch, count))
             out.flush()
+            for batch in batches:
+                partial.done(tag, batch)
+            if args.count is not None and printed[0] >= args.count and not finished.called:
+                # finish once what was printed is recorded as printed
+                reactor.callLater(0, lambda: finished.called or finished.callback(None))
 
         return show
 
@@ -377,7 +440,8 @@ async def _tail(reactor, args):
         for tag in args.channels:
             try:
                 reply = await session.subscriber.subscribe(
-                    tag, printer(tag), resume=not args.skip_backlog, takeover=args.takeover
+                    tag, printer(tag), resume=not args.skip_backlog, takeover=args.takeover,
+                    batches=True,
                 )
             except RequestFailed as e:
                 if e.status == "busy":

@@ -13,3 +13,24 @@ def pytest_addoption(parser):
         "--seed", action="append", default=[], metavar="KIND:N",
         help="run only seed N of adversary KIND (repeatable), to replay a failing run",
     )
+
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _delivery_state_in_a_temporary_folder(tmp_path_factory):
+    """
+    Subscribers started by the tests (`fitbroker tail` keeps delivery state
+    by default) write it under a temporary folder, never the user's.
+    """
+    import os
+
+    folder = str(tmp_path_factory.mktemp("xdg-state"))
+    old = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = folder
+    yield folder
+    if old is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = old

@@ -180,3 +180,22 @@ def test_publish_from_a_clock_far_behind_fails(cluster):
     assert "warning: this host's clock is 600 s behind the replicas'" in lines[0]
     for fragment in ("1 event(s) were already past their TTL at a quorum of replicas", "clock", "(expired)"):
         assert fragment in lines[1], lines[1]
+
+
+def test_tail_count_cut_in_a_batch_prints_the_rest_next_time(cluster, tmp_path):
+    """`tail --count` that stops inside a batch prints the rest of it next time, and nothing twice."""
+    config = cluster.config_path
+    state = str(tmp_path / "state")
+    command = [sys.executable, "-c", "import sys; from fit_broker.cli import main; sys.exit(main())"]
+    tail = subprocess.Popen(
+        command + ["tail", "--config", config, "--as", "console", "--state-dir", state, "--count", "3", "alerts"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    assert b"subscribed" in tail.stderr.readline()
+    assert fitbroker("publish", "--config", config, "alerts", "a1", "a2", "a3", "a4", "a5").returncode == 0
+    out, _ = tail.communicate(timeout=30)
+    first = [json.loads(line)["content"] for line in out.decode().splitlines()]
+    assert first == ["a1", "a2", "a3"]
+    again = fitbroker("tail", "--config", config, "--as", "console", "--state-dir", state, "--count", "2", "alerts")
+    assert again.returncode == 0, again.stderr
+    assert [json.loads(line)["content"] for line in again.stdout.decode().splitlines()] == ["a4", "a5"]
