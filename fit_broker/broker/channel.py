@@ -158,16 +158,20 @@ class Channel:
                     reason,
                 )
             digest = _identity(batch)
-            if ranges.check(first_id, count, digest) == "conflict":
-                raise self._overlap(index, client, first_id, count)
-            checked.append((count, batch, digest))
-        fresh = []
-        duplicates = expired = 0
-        for count, batch, digest in checked:
-            first_id = batch[1]
             verdict = ranges.check(first_id, count, digest)
             if verdict == "conflict":
-                raise self._overlap(len(fresh), client, first_id, count)
+                raise self._overlap(index, client, first_id, count)
+            checked.append((count, batch, digest, verdict))
+        fresh = []
+        duplicates = expired = 0
+        several = len(checked) > 1
+        for count, batch, digest, verdict in checked:
+            first_id = batch[1]
+            if several:
+                # an earlier batch of this request may have taken these ids
+                verdict = ranges.check(first_id, count, digest)
+                if verdict == "conflict":
+                    raise self._overlap(len(fresh), client, first_id, count)
             if verdict != "new":
                 duplicates += count
             elif not batch[2] + batch[3] > now:
