@@ -8,7 +8,6 @@ file, the key and what was expected, before anything listens.
 """
 
 import os
-import tomllib
 
 import attrs
 
@@ -16,6 +15,7 @@ from fit_broker.components import ORDERINGS, QOP_MODES, VOTERS
 from fit_broker.errors import ConfigError, RequestFailed
 from fit_broker.qos import ORDERINGS as ORDERING_NAMES
 from fit_broker.qos import OVERFLOW_POLICIES, QoSClass
+from fit_broker.toml_reader import TableReader, read_toml
 
 
 @attrs.frozen
@@ -122,49 +122,6 @@ class ClusterConfig:
         return mode.acks_needed(len(self.replicas), self.faults)
 
 
-class _Reader:
-    """
-    Typed access to a TOML table that names the file and key on any error.
-    """
-
-    def __init__(self, path, table, where):
-        self.path = path
-        self.table = table
-        self.where = where
-
-    def fail(self, key, expected):
-        location = f"{self.where}.{key}" if self.where else key
-        raise ConfigError(f"{self.path}: [{location}]: expected {expected}")
-
-    def get(self, key, kind, expected, default=attrs.NOTHING):
-        if key not in self.table:
-            if default is attrs.NOTHING:
-                self.fail(key, f"{expected} (the key is missing)")
-            return default
-        value = self.table[key]
-        if kind is float and type(value) is int:
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            self.fail(key, f"{expected}, found {value!r}")
-        return value
-
-    def sub(self, key, index=None):
-        where = f"{self.where}.{key}" if self.where else key
-        if index is not None:
-            where = f"{where}[{index}]"
-            table = self.table[key][index]
-        else:
-            table = self.table.get(key, {})
-        if not isinstance(table, dict):
-            self.fail(key if index is None else f"{key}[{index}]", "a table")
-        return _Reader(self.path, table, where)
-
-    def unknown_keys(self, allowed):
-        extra = set(self.table) - set(allowed)
-        if extra:
-            self.fail(sorted(extra)[0], f"one of the keys {', '.join(sorted(allowed))}")
-
-
 def _names(reader, key):
     value = reader.get(key, list, "a list of client names", [])
     if not all(isinstance(v, str) and v for v in value):
@@ -201,7 +158,7 @@ def parse_config(path, data):
     """
     Build a L{ClusterConfig} from the parsed TOML C{data} of file C{path}.
     """
-    top = _Reader(path, data, "")
+    top = TableReader(path, data)
     top.unknown_keys({"cluster", "replicas", "clients", "classes", "channels"})
     cluster = top.sub("cluster")
     cluster.unknown_keys(
@@ -314,26 +271,6 @@ def parse_config(path, data):
         tls=cluster.get("tls", bool, "true or false", False),
         admins=admins,
     )
-
-
-def read_toml(path, what):
-    """
-    Return the parsed TOML file at C{path}, C{what} saying in errors what
-    the file should be.
-
-    @raise ConfigError: naming the file and the problem.
-    """
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such {what}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder, expected {what}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
 
 
 def load_config(path):

@@ -35,11 +35,10 @@ import os
 
 import attrs
 
-from fit_broker.config import read_toml
 from fit_broker.errors import ConfigError
 from fit_broker.keys import check_client_name
+from fit_broker.toml_reader import TableReader, read_toml, resolve_path
 from fit_broker.units import MAX_CREDIT_BYTES, MAX_CREDIT_EVENTS
-from fit_broker.syslog.config import _Reader, _resolve
 
 DEFAULT_FILE = "sink.toml"
 DEFAULT_CONSOLE = "tcp:8480:interface=127.0.0.1"
@@ -203,7 +202,7 @@ def _syslog_sink(reader, name, folder):
         value = reader.get(key, str, "a PEM file", None)
         if value is not None and not tls:
             reader.fail(key, "no TLS key: it applies with tls = true only")
-        files[key] = _resolve(folder, value) if value else None
+        files[key] = resolve_path(folder, value) if value else None
     if (files["certificate"] is None) != (files["private_key"] is None):
         reader.fail("private_key", "both certificate and private_key, or neither")
     spec = SyslogSinkSpec(
@@ -231,7 +230,7 @@ def _file_sink(reader, name, folder):
         reader.fail("path", "the file to append JSON lines to (the key is missing)")
     return FileSinkSpec(
         name=name,
-        path=_resolve(folder, path),
+        path=resolve_path(folder, path),
         max_bytes=reader.number("max_bytes", int, 100 * 1024 * 1024, 1024),
         keep=reader.number("keep", int, 5, 0, 1000),
         fsync=reader.get("fsync", bool, "true or false", False),
@@ -243,7 +242,7 @@ def parse_settings(path, data):
     """
     Build L{SinkSettings} from the parsed TOML C{data} of file C{path}.
     """
-    top = _Reader(path, data, "")
+    top = TableReader(path, data)
     top.unknown_keys(_TOP_KEYS)
     folder = os.path.dirname(os.path.abspath(path))
     client = top.get("client", str, "a client name", None)
@@ -260,11 +259,8 @@ def parse_settings(path, data):
     if not sinks_data:
         top.fail("sinks", "at least one [[sinks]] table (kind = 'syslog' or 'file')")
     sinks, names = [], set()
-    for index, table in enumerate(sinks_data):
-        where = f"sinks[{index}]"
-        if not isinstance(table, dict):
-            top.fail(where, f"a table, found {table!r}")
-        reader = _Reader(path, table, where)
+    for index in range(len(sinks_data)):
+        reader = top.sub("sinks", index)
         kind = reader.get("kind", str, "'syslog' or 'file'", None)
         name = reader.get("name", str, "a name", f"{kind}-{index}")
         if not name or name in names:

@@ -14,11 +14,11 @@ import zoneinfo
 
 import attrs
 
-from fit_broker.config import read_toml
 from fit_broker.errors import ConfigError
 from fit_broker.keys import check_client_name
 from fit_broker.syslog.framing import DEFAULT_MAX_SIZE
 from fit_broker.syslog.routing import Router
+from fit_broker.toml_reader import TableReader, read_toml, resolve_path
 
 DEFAULT_CLIENT = "syslog"
 DEFAULT_FILE = "syslog.toml"
@@ -175,52 +175,6 @@ class SyslogSettings:
         return names
 
 
-class _Reader:
-    def __init__(self, path, table, where):
-        self.path = path
-        self.table = table
-        self.where = where
-
-    def fail(self, key, expected):
-        location = f"{self.where}.{key}" if self.where else key
-        raise ConfigError(f"{self.path}: [{location}]: expected {expected}")
-
-    def get(self, key, kind, expected, default):
-        if key not in self.table:
-            return default
-        value = self.table[key]
-        if kind is float and type(value) is int:
-            value = float(value)
-        if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
-            self.fail(key, f"{expected}, found {value!r}")
-        return value
-
-    def number(self, key, kind, default, low, high=None, low_open=False):
-        value = self.get(key, kind, "a number", default)
-        too_low = value <= low if low_open else value < low
-        if too_low or (high is not None and value > high):
-            bound = f"above {low}" if low_open else f"from {low}"
-            upper = f" to {high}" if high is not None else " or more"
-            self.fail(key, f"a number {bound}{upper}, found {value!r}")
-        return value
-
-    def unknown_keys(self, allowed):
-        extra = sorted(set(self.table) - set(allowed))
-        if extra:
-            self.fail(extra[0], f"one of the keys {', '.join(sorted(allowed))}")
-
-    def sub(self, key):
-        table = self.table.get(key, {})
-        if not isinstance(table, dict):
-            self.fail(key, f"a table, found {table!r}")
-        where = f"{self.where}.{key}" if self.where else key
-        return _Reader(self.path, table, where)
-
-
-def _resolve(folder, path):
-    return path if os.path.isabs(path) else os.path.join(folder, path)
-
-
 def _listener(reader, folder):
     reader.unknown_keys(_LISTENER_KEYS)
     endpoint = reader.get("endpoint", str, "an endpoint string", None)
@@ -257,9 +211,9 @@ def _listener(reader, folder):
         endpoint,
         "tls",
         TlsSpec(
-            certificate=_resolve(folder, certificate),
-            private_key=_resolve(folder, private_key),
-            ca=_resolve(folder, ca) if ca else None,
+            certificate=resolve_path(folder, certificate),
+            private_key=resolve_path(folder, private_key),
+            ca=resolve_path(folder, ca) if ca else None,
             require_client_certificate=require,
             permitted_peers=tuple(p.lower() for p in peers),
         ),
@@ -332,7 +286,7 @@ def parse_settings(path, data):
     """
     Build L{SyslogSettings} from the parsed TOML C{data} of file C{path}.
     """
-    top = _Reader(path, data, "")
+    top = TableReader(path, data)
     top.unknown_keys(_TOP_KEYS)
     folder = os.path.dirname(os.path.abspath(path))
 
@@ -350,11 +304,8 @@ def parse_settings(path, data):
             "'udp:5514:interface=127.0.0.1'",
         )
     listeners = []
-    for index, table in enumerate(listeners_data):
-        where = f"listeners[{index}]"
-        if not isinstance(table, dict):
-            top.fail(where, f"a table, found {table!r}")
-        listeners.append(_listener(_Reader(path, table, where), folder))
+    for index in range(len(listeners_data)):
+        listeners.append(_listener(top.sub("listeners", index), folder))
 
     routing = data.get("routing")
     if routing is None:
