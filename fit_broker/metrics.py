@@ -43,6 +43,7 @@ GAUGES = frozenset(
         "waiting",
         "waiting-bytes",
         "bytes",
+        "unacknowledged",
         "spool-events",
         "spool-bytes",
         "connections-open",
