@@ -222,12 +222,18 @@ class _FirstAcceptable(_Voter):
         # the first acceptable copy is the batch: its id range is all that
         # can conflict with another, so no digest is needed
         count = credit_cost(batch)
-        if self._conflicts(batch, count, b""):
+        ranges = self._ranges.get(batch[0])
+        if ranges is None:
+            ranges = self._ranges[batch[0]] = IdRanges(self._window, floors=False)
+        verdict = ranges.check(batch[1], count, b"")
+        if verdict == "conflict":
             self.count(f"overlapping-ids:replica-{replica}")
             return
         if self._awaiting:
             self._awaiting.pop(key, None)
-        self._remember(batch, count, b"")
+        self._decided.add(key, batch[4])
+        if verdict == "new":
+            ranges.add(batch[1], count, b"")
         decided.append(batch)
 
     def offer_fetched(self, replica, batches, now):
