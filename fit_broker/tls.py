@@ -10,6 +10,8 @@ providing L{twisted.internet.interfaces.IHandshakeListener} is told when).
 
 The arguments are PEM bytes, as L{fit_broker.pki.load_tls_material} returns
 them: C{server_tls_options(*load_tls_material(directory, "replica-0"))}.
+L{own_certificate} and L{trust_root} also serve the syslog adapter's TLS
+listeners and the sinks' TLS connections, which name PEM files of their own.
 """
 
 from cryptography import x509
@@ -20,35 +22,95 @@ from twisted.internet.ssl import (
     CertificateOptions,
     TLSVersion,
     optionsForClientTLS,
+    trustRootFromCertificates,
 )
 
 from fit_broker.errors import ConfigError
 from fit_broker.pki import identity_from_certificate
 
 
-def _trust_root(ca_pem):
-    try:
-        return Certificate.loadPEM(ca_pem)
-    except crypto.Error as e:
-        raise ConfigError(f"expected the CA certificate as PEM: {e}") from None
+def _named(name, text):
+    return f"{name}: {text}" if name else text
 
 
-def _own_certificate(cert_pem, key_pem):
+def read_pem(path, what):
     """
-    Return C{cryptography} objects, which pyOpenSSL takes without the
-    deprecation its own X509 and PKey types now carry.
+    Return the bytes of the PEM file at C{path}, C{what} saying in errors
+    what it should hold (C{"the TLS certificate"}).
+
+    @raise ConfigError: naming the file.
     """
     try:
-        certificate = x509.load_pem_x509_certificate(cert_pem)
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read {what}: {e.strerror}") from None
+
+
+def ca_certificates(ca_pem, name=None):
+    """
+    Return the C{cryptography} certificates in C{ca_pem}, C{name} (the
+    file) naming it in errors.
+
+    @raise ConfigError: in one line, when there are none or one is broken.
+    """
+    try:
+        return x509.load_pem_x509_certificates(ca_pem)
     except ValueError as e:
-        raise ConfigError(f"expected a PEM certificate: {e}") from None
+        raise ConfigError(_named(name, f"expected PEM CA certificates: {e}")) from None
+
+
+def trust_root(ca_pem, name=None):
+    """
+    Return a trust root that accepts only certificates the CAs in
+    C{ca_pem} issued.
+    """
+    return trustRootFromCertificates(
+        [Certificate(crypto.X509.from_cryptography(c)) for c in ca_certificates(ca_pem, name)]
+    )
+
+
+def own_certificate(cert_pem, key_pem, cert_name=None, key_name=None):
+    """
+    Return the C{CertificateOptions} arguments that present the certificate
+    in C{cert_pem} (then any intermediate certificates after it) with the
+    private key in C{key_pem}; C{cert_name} and C{key_name} (the files) name
+    them in errors.
+
+    These are C{cryptography} objects, which pyOpenSSL takes without the
+    deprecation its own X509 and PKey types now carry.
+
+    @raise ConfigError: in one line naming the file that is wrong.
+    """
+    try:
+        chain = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError as e:
+        raise ConfigError(_named(cert_name, f"expected PEM certificates: {e}")) from None
     try:
         key = load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"expected an unencrypted PEM private key: {e}") from None
-    if certificate.public_key() != key.public_key():
-        raise ConfigError("the private key does not belong to the certificate")
-    return {"certificate": certificate, "privateKey": key}
+        raise ConfigError(_named(key_name, f"expected an unencrypted PEM private key: {e}")) from None
+    if chain[0].public_key() != key.public_key():
+        raise ConfigError(
+            _named(key_name, f"the private key does not belong to {cert_name or 'the certificate'}")
+        )
+    options = {"certificate": chain[0], "privateKey": key}
+    if len(chain) > 1:
+        options["extraCertChain"] = chain[1:]
+    return options
+
+
+def own_certificate_files(certificate, private_key):
+    """
+    Return L{own_certificate} of the PEM files C{certificate} and
+    C{private_key}.
+    """
+    return own_certificate(
+        read_pem(certificate, "the TLS certificate"),
+        read_pem(private_key, "the TLS private key"),
+        certificate,
+        private_key,
+    )
 
 
 def server_tls_options(ca_pem, cert_pem, key_pem):
@@ -57,9 +119,9 @@ def server_tls_options(ca_pem, cert_pem, key_pem):
     only clients whose certificate C{ca_pem} issued.
     """
     return CertificateOptions(
-        trustRoot=_trust_root(ca_pem),
+        trustRoot=trust_root(ca_pem),
         raiseMinimumTo=TLSVersion.TLSv1_2,
-        **_own_certificate(cert_pem, key_pem),
+        **own_certificate(cert_pem, key_pem),
     )
 
 
@@ -71,10 +133,10 @@ def client_tls_options(ca_pem, cert_pem, key_pem, server_hostname):
     """
     return optionsForClientTLS(
         server_hostname,
-        trustRoot=_trust_root(ca_pem),
+        trustRoot=trust_root(ca_pem),
         extraCertificateOptions={
             "raiseMinimumTo": TLSVersion.TLSv1_2,
-            **_own_certificate(cert_pem, key_pem),
+            **own_certificate(cert_pem, key_pem),
         },
     )
 

@@ -7,24 +7,16 @@ counters, and the web console and Prometheus metrics when configured.
 
 import socket
 
-from cryptography import x509
-from OpenSSL import crypto
 from twisted.application.internet import ClientService, TimerService, backoffPolicy
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
-from twisted.internet.ssl import (
-    Certificate,
-    TLSVersion,
-    optionsForClientTLS,
-    platformTrust,
-    trustRootFromCertificates,
-)
+from twisted.internet.ssl import TLSVersion, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 
 from fit_broker.errors import ConfigError, FitBrokerError
 from fit_broker.sink.config import check_against_cluster
 from fit_broker.sink.forwarder import FileSink, Forwarder, SyslogConnectionFactory, SyslogSink
-from fit_broker.syslog.service import _read
+from fit_broker.tls import own_certificate_files, read_pem, trust_root
 
 #: Seconds between attempts to subscribe while the cluster is not reachable.
 SUBSCRIBE_RETRY = 5.0
@@ -38,29 +30,13 @@ def syslog_tls_options(spec):
 
     @raise ConfigError: naming the file that is missing or wrong.
     """
-    from fit_broker.tls import _own_certificate
-
     if spec.ca is not None:
-        try:
-            authorities = x509.load_pem_x509_certificates(_read(spec.ca, "the CA certificates"))
-        except ValueError as e:
-            raise ConfigError(f"{spec.ca}: expected PEM CA certificates: {e}") from None
-        trust = trustRootFromCertificates(
-            [Certificate(crypto.X509.from_cryptography(c)) for c in authorities]
-        )
+        trust = trust_root(read_pem(spec.ca, "the CA certificates"), spec.ca)
     else:
         trust = platformTrust()
     extra = {"raiseMinimumTo": TLSVersion.TLSv1_2}
     if spec.certificate is not None:
-        try:
-            extra.update(
-                _own_certificate(
-                    _read(spec.certificate, "the TLS certificate"),
-                    _read(spec.private_key, "the TLS private key"),
-                )
-            )
-        except ConfigError as e:
-            raise ConfigError(f"{spec.certificate}: {e}") from None
+        extra.update(own_certificate_files(spec.certificate, spec.private_key))
     return optionsForClientTLS(
         spec.server_name or spec.host(), trustRoot=trust, extraCertificateOptions=extra
     )

@@ -10,19 +10,12 @@ that logs the counters.
 import os
 import socket
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import crypto
 from twisted.application.internet import TimerService, UDPServer
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.ssl import (
-    Certificate,
-    CertificateOptions,
-    TLSVersion,
-    trustRootFromCertificates,
-)
+from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -44,6 +37,7 @@ from fit_broker.syslog.protocol import (
     SyslogDatagramProtocol,
     SyslogStreamFactory,
 )
+from fit_broker.tls import ca_certificates, own_certificate_files, read_pem, trust_root
 
 #: How long a stopping adapter waits for the cluster to acknowledge what
 #: it already read.
@@ -70,14 +64,6 @@ def local_syslog_settings(port=5514):
     )
 
 
-def _read(path, what):
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read {what}: {e.strerror}") from None
-
-
 def tls_options(spec):
     """
     Return the server TLS options of a L{TlsSpec}: TLS 1.2 or later; client
@@ -86,39 +72,20 @@ def tls_options(spec):
 
     @raise ConfigError: naming the file that is missing or wrong.
     """
-    chain_pem = _read(spec.certificate, "the TLS certificate")
-    try:
-        chain = x509.load_pem_x509_certificates(chain_pem)
-    except ValueError as e:
-        raise ConfigError(f"{spec.certificate}: expected PEM certificates: {e}") from None
-    try:
-        key = load_pem_private_key(_read(spec.private_key, "the TLS private key"), password=None)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"{spec.private_key}: expected an unencrypted PEM private key: {e}") from None
-    if chain[0].public_key() != key.public_key():
-        raise ConfigError(f"{spec.private_key}: the key does not belong to {spec.certificate}")
     options = {
-        "certificate": chain[0],
-        "privateKey": key,
+        **own_certificate_files(spec.certificate, spec.private_key),
         "raiseMinimumTo": TLSVersion.TLSv1_2,
     }
-    if len(chain) > 1:
-        options["extraCertChain"] = chain[1:]
     if spec.ca is not None:
-        try:
-            authorities = x509.load_pem_x509_certificates(_read(spec.ca, "the CA certificates"))
-        except ValueError as e:
-            raise ConfigError(f"{spec.ca}: expected PEM CA certificates: {e}") from None
+        ca_pem = read_pem(spec.ca, "the CA certificates")
         if spec.require_client_certificate:
-            options["trustRoot"] = trustRootFromCertificates(
-                [Certificate(crypto.X509.from_cryptography(c)) for c in authorities]
-            )
+            options["trustRoot"] = trust_root(ca_pem, spec.ca)
         else:
             # A trust root always requires a certificate; asking for one
             # without requiring it takes the older verify/caCerts form.
             options.update(
                 verify=True,
-                caCerts=[crypto.X509.from_cryptography(c) for c in authorities],
+                caCerts=[crypto.X509.from_cryptography(c) for c in ca_certificates(ca_pem, spec.ca)],
                 requireCertificate=False,
             )
     return CertificateOptions(**options)
