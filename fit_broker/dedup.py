@@ -140,9 +140,10 @@ class IdRanges:
 
         @raise ValueError: if the batch is not new.
         """
-        status = self.check(first_id, count, digest)
-        if status != "new":
-            raise ValueError(f"ids {first_id}+{count}: expected a new range, found {status}")
+        if first_id <= self._top or count < 1:
+            status = self.check(first_id, count, digest)
+            if status != "new":
+                raise ValueError(f"ids {first_id}+{count}: expected a new range, found {status}")
         last = first_id + count - 1
         starts = self._starts
         if first_id > self._top:
