@@ -132,36 +132,17 @@ def cluster_toml(ports, tags, mode, faults=1, capacity=None, ttl=None, keys_dir=
     @param capacity: queue capacity per subscriber; C{None} keeps the
         broker's default, as the memory benchmark wants.
     """
-    lines = ["[cluster]", 'name = "bench"', f"faults = {faults}", f'default_client = "{PUBLISHER}"']
-    if keys_dir:
-        lines.append(f'keys_dir = "{keys_dir}"')
-    lines.append("")
-    for port in ports:
-        lines += [
-            "[[replicas]]",
-            f'listen = "tcp:{port}:interface=127.0.0.1"',
-            f'connect = "tcp:127.0.0.1:{port}"',
-            "",
-        ]
-    lines += [f"[clients.{PUBLISHER}]", f"[clients.{SUBSCRIBER}]", "", "[classes.bench]"]
-    lines.append(f'ordering = "{mode.ordering}"')
-    if capacity is not None:
-        lines.append(f"capacity = {capacity}")
-    if ttl is not None:
-        lines.append(f"ttl = {ttl}")
-    lines.append("")
-    for tag in tags:
-        lines += [
-            "[[channels]]",
-            f'tag = "{tag}"',
-            'class = "bench"',
-            f'qop = "{mode.qop}"',
-            f'scheme = "{mode.scheme}"',
-            f'publishers = ["{PUBLISHER}"]',
-            f'subscribers = ["{SUBSCRIBER}"]',
-            "",
-        ]
-    return "\n".join(lines)
+    from fit_broker.init import cluster_toml as write_toml
+
+    bench = {"ordering": mode.ordering}
+    for key, value in (("capacity", capacity), ("ttl", ttl)):
+        if value is not None:
+            bench[key] = value
+    rows = [(tag, tag, "bench", mode.qop, mode.scheme, [PUBLISHER], [SUBSCRIBER]) for tag in tags]
+    return write_toml(
+        "bench", faults, ports, [PUBLISHER, SUBSCRIBER], rows, keys_dir=keys_dir, tls=False,
+        admins=[], classes={"bench": bench},
+    )
 
 
 def prepare_cluster(folder, mode_name, channels, replicas=4, faults=1, capacity=None, ttl=None):

@@ -15,21 +15,17 @@ _DNS_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}
 SYSLOG_FILE = "syslog.toml"
 SYSLOG_PORT = 5514
 
-CLASSES = """\
-[classes.standard]
-urgency_levels = 4
-ordering = "none"
-capacity = 10000
-ttl = 300
-overflow = "drop-oldest"
-
-[classes.alarm]
-urgency_levels = 4
-ordering = "none"
-capacity = 50000
-ttl = 3600
-overflow = "drop-oldest"
-"""
+#: The sample QoS classes: name to C{[classes.<name>]} keys.
+CLASSES = {
+    "standard": {
+        "urgency_levels": 4, "ordering": "none", "capacity": 10000, "ttl": 300,
+        "overflow": "drop-oldest",
+    },
+    "alarm": {
+        "urgency_levels": 4, "ordering": "none", "capacity": 50000, "ttl": 3600,
+        "overflow": "drop-oldest",
+    },
+}
 
 
 def sample_channels(clients, syslog_client=None):
@@ -127,18 +123,33 @@ def _quote_list(names):
     return "[" + ", ".join(f'"{name}"' for name in names) + "]"
 
 
+def _toml_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
+
+
 def cluster_toml(
     name, faults, replica_ports, clients, channels, keys_dir=".", tls=True, heading="", admins=None,
-    hosts=None, metrics_ports=None,
+    hosts=None, metrics_ports=None, classes=CLASSES,
 ):
     """
     Return the text of a cluster file.
 
+    @param channels: C{(tag, topic, class, qop, scheme, publishers,
+        subscribers)} rows, as L{sample_channels} returns.
+    @param keys_dir: the folder of the cluster's keys, or C{None} for a
+        cluster without keys (no channel may then use a scheme that needs
+        them).
+    @param tls: whether replicas and clients talk mutual TLS (needs keys).
     @param hosts: the host of each replica, or C{None} for 127.0.0.1.
     @param metrics_ports: each replica's loopback metrics port, or C{None}.
-
     @param admins: the clients that may see the whole status; by default the
         first client, the one the command line acts as.
+    @param classes: the QoS classes, name to C{[classes.<name>]} keys; by
+        default the sample L{CLASSES}.
     """
     if admins is None:
         admins = clients[:1]
@@ -149,10 +160,10 @@ def cluster_toml(
         f"faults = {faults}",
         f'default_client = "{clients[0]}"',
         f"admins = {_quote_list(admins)}",
-        f'keys_dir = "{keys_dir}"',
-        f"tls = {'true' if tls else 'false'}",
-        "",
     ]
+    if keys_dir is not None:
+        lines.append(f'keys_dir = "{keys_dir}"')
+    lines += [f"tls = {_toml_value(tls)}", ""]
     for index, port in enumerate(replica_ports):
         lines += [
             "[[replicas]]",
@@ -165,7 +176,10 @@ def cluster_toml(
         ]
     for client in clients:
         lines += [f"[clients.{client}]", ""]
-    lines.append(CLASSES)
+    for class_name, keys in classes.items():
+        lines.append(f"[classes.{class_name}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in keys.items()]
+        lines.append("")
     for tag, topic, qos, qop, scheme, publishers, subscribers in channels:
         lines += [
             "[[channels]]",

@@ -8,47 +8,27 @@ import subprocess
 import sys
 
 from benchmarks.cluster import free_ports, twistd, wait_for_port
+from fit_broker.init import cluster_toml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_cluster(folder, channels, replicas=4, faults=1, capacity=100_000, ttl=300):
+    """
+    Write a plain-TCP cluster file without keys into C{folder}: clients
+    C{probe} (publishes and subscribes) and C{console} (subscribes), each
+    channel in C{channels} crash-tolerant in class C{big}.  Return its path
+    and the replicas' ports.
+    """
     ports = free_ports(replicas)
-    lines = [
-        "[cluster]",
-        'name = "it"',
-        f"faults = {faults}",
-        'default_client = "probe"',
-        "",
-    ]
-    for port in ports:
-        lines += [
-            "[[replicas]]",
-            f'listen = "tcp:{port}:interface=127.0.0.1"',
-            f'connect = "tcp:127.0.0.1:{port}"',
-            "",
-        ]
-    lines += [
-        "[clients.probe]",
-        "[clients.console]",
-        "",
-        "[classes.big]",
-        f"capacity = {capacity}",
-        f"ttl = {ttl}",
-        "",
-    ]
-    for tag in channels:
-        lines += [
-            "[[channels]]",
-            f'tag = "{tag}"',
-            'class = "big"',
-            'publishers = ["probe"]',
-            'subscribers = ["console", "probe"]',
-            "",
-        ]
+    rows = [(tag, tag, "big", "cft", "si", ["probe"], ["console", "probe"]) for tag in channels]
+    text = cluster_toml(
+        "it", faults, ports, ["probe", "console"], rows, keys_dir=None, tls=False, admins=[],
+        classes={"big": {"capacity": capacity, "ttl": ttl}},
+    )
     path = os.path.join(folder, "cluster.toml")
     with open(path, "w") as f:
-        f.write("\n".join(lines))
+        f.write(text)
     return path, ports
 
 
