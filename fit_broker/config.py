@@ -5,15 +5,19 @@ One file describes a cluster: its replicas, its clients, the QoS classes and
 the channels (the control table).  Replicas, clients and the command line all
 read the same file.  Every problem is reported as a L{ConfigError} naming the
 file, the key and what was expected, before anything listens.
+
+QoP modes, voters and ordering protocols are checked by name against the
+plugins L{fit_broker.registry} finds, built-in or in the file's
+C{plugin_folders}: this module never imports their implementations.
 """
 
 import os
 
 import attrs
 
-from fit_broker.components import ORDERINGS, QOP_MODES, VOTERS
-from fit_broker.errors import ConfigError, RequestFailed
-from fit_broker.qos import ORDERINGS as ORDERING_NAMES
+from fit_broker import registry
+from fit_broker.errors import ConfigError, RequestFailed, UnknownComponent
+from fit_broker.interfaces import IOrderingFactory, IQoPMode, IVoterFactory
 from fit_broker.qos import OVERFLOW_POLICIES, QoSClass
 from fit_broker.toml_reader import TableReader, read_toml
 
@@ -118,7 +122,7 @@ class ClusterConfig:
         return client in self.admins
 
     def acks_needed(self, tag):
-        mode = QOP_MODES[self.channels[tag].qop]
+        mode = registry.find(IQoPMode, self.channels[tag].qop)
         return mode.acks_needed(len(self.replicas), self.faults)
 
 
@@ -129,6 +133,38 @@ def _names(reader, key):
     return frozenset(value)
 
 
+def _named(reader, key, interface, name):
+    """
+    Return the plugin providing C{interface} called C{name}, or stop with one
+    line naming the key and the names that exist.
+    """
+    found = registry.available(interface)
+    if name not in found:
+        location = f"{reader.where}.{key}" if reader.where else key
+        raise UnknownComponent(
+            f"{reader.path}: [{location}]: expected one of {', '.join(sorted(found))}, "
+            f"found {name!r}, which no plugin provides"
+        )
+    return found[name]
+
+
+def _plugin_folders(cluster, folder):
+    """
+    Return the plugin folders named in table C{cluster}, relative to
+    C{folder}, after adding each to the plugin search path: the names the
+    rest of the file uses may come from them.
+    """
+    folders = cluster.get("plugin_folders", list, "a list of folders", [])
+    if not all(isinstance(f, str) for f in folders):
+        cluster.fail("plugin_folders", "a list of folder paths (strings)")
+    paths = tuple(os.path.join(folder, f) for f in folders)
+    for given, path in zip(folders, paths):
+        if not os.path.isdir(path):
+            cluster.fail("plugin_folders", f"existing folders, found {given!r} (no folder {path})")
+        registry.add_plugin_folder(path)
+    return paths
+
+
 def _load_class(reader, name):
     reader.unknown_keys(
         {"urgency_levels", "ordering", "capacity", "ttl", "overflow", "max_bytes"}
@@ -136,9 +172,8 @@ def _load_class(reader, name):
     levels = reader.get("urgency_levels", int, "an integer from 1 to 16", 4)
     if not 1 <= levels <= 16:
         reader.fail("urgency_levels", f"an integer from 1 to 16, found {levels}")
-    ordering = reader.get("ordering", str, f"one of {', '.join(ORDERING_NAMES)}", "none")
-    if ordering not in ORDERING_NAMES:
-        reader.fail("ordering", f"one of {', '.join(ORDERING_NAMES)}, found {ordering!r}")
+    ordering = reader.get("ordering", str, "the name of an ordering protocol", "none")
+    _named(reader, "ordering", IOrderingFactory, ordering)
     capacity = reader.get("capacity", int, "a positive integer", 10_000)
     if capacity < 1:
         reader.fail("capacity", f"a positive integer, found {capacity}")
@@ -166,6 +201,8 @@ def parse_config(path, data):
          "admins"}
     )
     name = cluster.get("name", str, "the cluster's name", "fitbroker")
+    folder = os.path.dirname(os.path.abspath(path))
+    plugin_folders = _plugin_folders(cluster, folder)
     faults = cluster.get("faults", int, "the number of faulty replicas tolerated (f)", 1)
     if faults < 0:
         cluster.fail("faults", f"a number >= 0, found {faults}")
@@ -219,23 +256,15 @@ def parse_config(path, data):
         class_name = c.get("class", str, "a class name", "default")
         if class_name not in classes:
             c.fail("class", f"one of the classes {', '.join(sorted(classes))}, found {class_name!r}")
-        qop = c.get("qop", str, f"one of {', '.join(sorted(QOP_MODES))}", "cft")
-        if qop not in QOP_MODES:
-            c.fail("qop", f"one of {', '.join(sorted(QOP_MODES))}, found {qop!r}")
+        qop = c.get("qop", str, "the name of a QoP mode", "cft")
+        mode = _named(c, "qop", IQoPMode, qop)
         try:
-            QOP_MODES[qop].check_cluster(len(replicas), faults)
+            mode.check_cluster(len(replicas), faults)
         except ConfigError as e:
             c.fail("qop", f"a mode this cluster can run: {e}")
-        voter = c.get("voter", str, "a voter name", QOP_MODES[qop].default_voter())
-        if voter not in VOTERS:
-            c.fail("voter", f"one of {', '.join(sorted(VOTERS))}, found {voter!r}")
+        voter = c.get("voter", str, "a voter name", mode.default_voter())
+        _named(c, "voter", IVoterFactory, voter)
         qos = classes[class_name]
-        if qos.ordering not in ORDERINGS:
-            c.fail(
-                "class",
-                f"a class whose ordering is one of {', '.join(sorted(ORDERINGS))}, "
-                f"class {class_name!r} asks for {qos.ordering!r}",
-            )
         publishers = _names(c, "publishers")
         subscribers = _names(c, "subscribers")
         for who in (publishers | subscribers) - clients - {"*"}:
@@ -251,10 +280,6 @@ def parse_config(path, data):
             subscribers,
         )
 
-    folders = cluster.get("plugin_folders", list, "a list of folders", [])
-    if not all(isinstance(f, str) for f in folders):
-        cluster.fail("plugin_folders", "a list of folder paths (strings)")
-    folder = os.path.dirname(os.path.abspath(path))
     keys_dir = cluster.get("keys_dir", str, "a folder with the cluster's keys", None)
     return ClusterConfig(
         path=path,
@@ -265,7 +290,7 @@ def parse_config(path, data):
         default_client=default_client,
         classes=classes,
         channels=channels,
-        plugin_folders=tuple(os.path.join(folder, f) for f in folders),
+        plugin_folders=plugin_folders,
         max_clock_skew=cluster.get("max_clock_skew", float, "seconds", 300.0),
         keys_dir=os.path.join(folder, keys_dir) if keys_dir else None,
         tls=cluster.get("tls", bool, "true or false", False),

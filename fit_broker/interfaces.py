@@ -3,7 +3,11 @@ The seams of FIT Broker, in one place.
 
 Every per-channel component (QoS class, QoP mode, ordering protocol, voter,
 protection scheme) is chosen by name from configuration and implements one of
-these interfaces.  Implementations are plain objects: none of them performs
+these interfaces.  QoP modes, ordering protocols, voters and protection
+schemes are Twisted plugins of the package L{fit_broker.plugins}: objects
+providing C{IPlugin} and L{IQoPMode}, L{IOrderingFactory}, L{IVoterFactory}
+or L{IProtectionScheme}, found by name with L{fit_broker.registry}.
+Implementations are plain objects: none of them performs
 I/O or reads a clock, they receive times as ``now`` arguments, and all of them
 are used from the reactor thread only.
 
@@ -27,7 +31,7 @@ class IQoSClass(Interface):
 
     name = Attribute("The class name used in the control table.")
     urgency_levels = Attribute("Number of urgency levels; 0 is the least urgent.")
-    ordering = Attribute("Name of the ordering protocol: 'none', 'channel' or 'global'.")
+    ordering = Attribute("Name of the ordering protocol ('none' or a plugin's, see L{IOrderingFactory}).")
     capacity = Attribute("Events each subscriber's output queue holds at most.")
     max_bytes = Attribute("Bytes (payload and proof) each subscriber's output queue holds at most.")
     ttl = Attribute("Default and maximum time to live of an event, in seconds.")
@@ -46,7 +50,7 @@ class IQoPMode(Interface):
     which voters a subscriber may use.
     """
 
-    name = Attribute("'cft' or 'bft'.")
+    name = Attribute("The mode's name, as a channel's C{qop} chooses it: 'cft', 'bft' or a plugin's.")
 
     def check_cluster(replicas, faults):
         """
@@ -74,13 +78,27 @@ class IOrderingProtocol(Interface):
     that are ready to be appended, in order, and messages to send to peers.
     """
 
-    name = Attribute("'none', 'channel' or 'global'.")
+    name = Attribute("The protocol's name, as a QoS class's C{ordering} chooses it.")
 
     def submit(channel, entries, now):
         """
         Offer C{(count, batch)} entries that a publisher sent.
 
         @return: a list of C{(channel, entries)} pairs ready to be appended now.
+        """
+
+
+class IOrderingFactory(Interface):
+    """
+    Makes the ordering protocol of one channel of one replica: protocols
+    hold state per channel, so the plugin is this factory, not a protocol.
+    """
+
+    name = Attribute("The ordering's name, as a QoS class's C{ordering} chooses it.")
+
+    def __call__():
+        """
+        Return a new L{IOrderingProtocol} provider.
         """
 
 
@@ -155,12 +173,34 @@ class IVoter(Interface):
         """
 
 
+class IVoterFactory(Interface):
+    """
+    Makes the voter of one channel of one subscriber: voters hold state per
+    subscriber, so the plugin is this factory, not a voter.
+    """
+
+    name = Attribute("The voter's name, as a channel's C{voter} chooses it.")
+
+    def __call__(faults=0, **context):
+        """
+        Return a new L{IVoter} provider for a cluster tolerating C{faults}
+        faulty replicas.
+
+        @param context: keyword arguments a voter may use or ignore:
+            C{scheme} and C{keys} (to check batches), C{channel},
+            C{replicas}, C{publishers}, C{memory} (a L{fit_broker.dedup.RecentIds}
+            of what was delivered before), C{max_ttl} and C{window} (the
+            C{(events, bytes)} credit each replica is given).  A voter must
+            accept keywords it does not know.
+        """
+
+
 class IProtectionScheme(Interface):
     """
     How events of a channel are authenticated (and perhaps encrypted).
 
     Schemes are Twisted plugins: providers of this interface found by
-    C{twisted.plugin.getPlugins(IProtectionScheme, fit_broker.schemes)}.
+    C{twisted.plugin.getPlugins(IProtectionScheme, fit_broker.plugins)}.
     A scheme works on whole batches, so a MAC, signature or cipher is paid
     once per batch and never per event.  Batches are wire tuples.
     """

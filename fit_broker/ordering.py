@@ -1,10 +1,30 @@
 """
 Ordering protocols.  C{none}: each replica appends batches as they arrive.
+
+Protocols hold state per channel, so what plugins find
+(L{fit_broker.plugins.builtin_orderings}) is a factory of each.
 """
 
+import attrs
+from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from fit_broker.interfaces import IOrderingProtocol
+from fit_broker.interfaces import IOrderingFactory, IOrderingProtocol
+
+
+@implementer(IPlugin, IOrderingFactory)
+@attrs.frozen
+class OrderingFactory:
+    """
+    A named maker of ordering protocols: C{protocol} is called with no
+    arguments, once per channel of a replica.
+    """
+
+    name: str
+    protocol: type
+
+    def __call__(self):
+        return self.protocol()
 
 
 @implementer(IOrderingProtocol)
@@ -19,3 +39,6 @@ class NoOrdering:
 
     def submit(self, channel, entries, now):
         return [(channel, entries)]
+
+
+no_ordering = OrderingFactory("none", NoOrdering)

@@ -1,14 +1,18 @@
 """
 QoP modes: the fault model a channel is replicated under.
+
+Each mode is a plugin (L{fit_broker.plugins.builtin_qop_modes}): channels
+choose it by name, and the module-level instances are what plugins find.
 """
 
+from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from fit_broker.errors import ConfigError
 from fit_broker.interfaces import IQoPMode
 
 
-@implementer(IQoPMode)
+@implementer(IPlugin, IQoPMode)
 class CrashFaultTolerant:
     """
     CFT: replicas never talk to each other; a publish is safe once f+1
@@ -32,7 +36,7 @@ class CrashFaultTolerant:
         return "first-copy"
 
 
-@implementer(IQoPMode)
+@implementer(IPlugin, IQoPMode)
 class ByzantineFaultTolerant:
     """
     BFT: up to f replicas may lie.  Needs n >= 3f+1 replicas.
@@ -60,3 +64,7 @@ class ByzantineFaultTolerant:
 
     def default_voter(self):
         return "f-plus-one"
+
+
+cft = CrashFaultTolerant()
+bft = ByzantineFaultTolerant()

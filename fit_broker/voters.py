@@ -11,16 +11,22 @@ than the class allows (a deadline that is not a number counts as passed).
 Copies are compared whole, payload and proof included, and only decided
 batches are ever decoded.
 
+Voters hold state per subscriber and channel, so channels choose a
+L{VoterFactory} by name: the module-level factories below are the built-in
+plugins (L{fit_broker.plugins.builtin_voters}).
+
 Voters never turn slowness into loss.  A copy they are done with (decided,
 refused, or evicted) is reported through L{release}, and the subscriber
 returns that replica's flow-control credit only then: a replica whose copies
 wait for slower ones is paused, not dropped.
 """
 
+import attrs
+from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from fit_broker.dedup import IdRanges, RecentIds
-from fit_broker.interfaces import IVoter
+from fit_broker.interfaces import IVoter, IVoterFactory
 from fit_broker.units import batch_bytes, batch_digest, credit_cost
 
 DEFAULT_WINDOW = 16_384
@@ -364,7 +370,7 @@ class MatchingCopiesVoter(_Voter):
     def __init__(self, faults=1, memory_window=DEFAULT_WINDOW, scheme=None, keys=None, channel="",
                  replicas=None, max_pending=DEFAULT_MAX_PENDING,
                  max_pending_bytes=DEFAULT_MAX_PENDING_BYTES, publishers=1, memory=None,
-                 max_ttl=None, window=None):
+                 max_ttl=None, window=None, **context):
         """
         @param publishers: how many publishers the channel has, for their
             fair shares of pending memory.
@@ -731,3 +737,23 @@ class MatchingCopiesVoter(_Voter):
                 for replica in voters:
                     lag[replica] = lag.get(replica, 0) + 1
         return lag
+
+
+@implementer(IPlugin, IVoterFactory)
+@attrs.frozen
+class VoterFactory:
+    """
+    A named maker of voters: C{voter} is called with the keyword arguments
+    of L{IVoterFactory.__call__}, once per channel a subscriber reads.
+    """
+
+    name: str
+    voter: type
+
+    def __call__(self, faults=0, **context):
+        return self.voter(faults=faults, **context)
+
+
+first_copy = VoterFactory(FirstCopyVoter.name, FirstCopyVoter)
+f_plus_one = VoterFactory(MatchingCopiesVoter.name, MatchingCopiesVoter)
+signature = VoterFactory(SignatureVoter.name, SignatureVoter)

@@ -5,10 +5,31 @@ Every implementation provides the interface it declares.
 import pytest
 from zope.interface.verify import verifyObject
 
-from fit_broker.components import ORDERINGS, QOP_MODES, VOTERS
-from fit_broker.interfaces import IOrderingProtocol, IProtectionScheme, IQoPMode, IQoSClass, IVoter
+from fit_broker import registry
+from fit_broker.interfaces import (
+    IOrderingFactory,
+    IOrderingProtocol,
+    IProtectionScheme,
+    IQoPMode,
+    IQoSClass,
+    IVoter,
+    IVoterFactory,
+)
 from fit_broker.qos import QoSClass
 from fit_broker.schemes.registry import available_schemes
+
+QOP_MODES = registry.available(IQoPMode)
+VOTERS = registry.available(IVoterFactory)
+ORDERINGS = registry.available(IOrderingFactory)
+
+
+def test_builtins_are_plugins():
+    """Every built-in QoP mode, voter and ordering protocol is found as a plugin by its name."""
+    assert {"cft", "bft"} <= set(QOP_MODES)
+    assert {"first-copy", "f-plus-one", "signature"} <= set(VOTERS)
+    assert "none" in ORDERINGS
+    for found in (QOP_MODES, VOTERS, ORDERINGS):
+        assert all(plugin.name == name for name, plugin in found.items())
 
 
 def test_qos_class():
@@ -36,14 +57,23 @@ class _Verifiable:
 
 @pytest.mark.parametrize("name", sorted(VOTERS))
 def test_voters(name):
-    """Every voter provides IVoter."""
-    assert verifyObject(IVoter, VOTERS[name](faults=1, scheme=_Verifiable(), channel="c"))
+    """Every voter plugin provides IVoterFactory and makes a fresh IVoter, ignoring context it does not use."""
+    factory = VOTERS[name]
+    assert verifyObject(IVoterFactory, factory)
+    voter = factory(faults=1, scheme=_Verifiable(), channel="c", replicas=4, window=(10, 1000), future=1)
+    assert verifyObject(IVoter, voter)
+    assert voter.name == name
+    assert factory(faults=1, scheme=_Verifiable(), channel="c") is not voter
 
 
 @pytest.mark.parametrize("name", sorted(ORDERINGS))
 def test_orderings(name):
-    """Every ordering protocol provides IOrderingProtocol."""
-    assert verifyObject(IOrderingProtocol, ORDERINGS[name]())
+    """Every ordering plugin provides IOrderingFactory and makes a fresh IOrderingProtocol."""
+    factory = ORDERINGS[name]
+    assert verifyObject(IOrderingFactory, factory)
+    protocol = factory()
+    assert verifyObject(IOrderingProtocol, protocol)
+    assert protocol.name == name and factory() is not protocol
 
 
 @pytest.mark.parametrize("name", sorted(available_schemes()))

@@ -34,11 +34,13 @@ def test_wheel_holds_the_plugin_and_no_twisted_init(wheel):
     assert "twisted/__init__.py" not in names
     assert "twisted/plugins/__init__.py" not in names
     assert "fit_broker/schemes/si.py" in names
+    for kind in ("schemes", "qop_modes", "voters", "orderings"):
+        assert f"fit_broker/plugins/builtin_{kind}.py" in names
     assert not any(name.startswith("tests/") for name in names)
 
 
 def test_installed_wheel_is_found_by_twistd(wheel, tmp_path):
-    """Unpacked where Python looks, the wheel's plugin is found by getPlugins(IServiceMaker)."""
+    """Unpacked where Python looks, the wheel's twistd plugin and built-in voter plugins are found by getPlugins."""
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
     code = (
@@ -46,7 +48,10 @@ def test_installed_wheel_is_found_by_twistd(wheel, tmp_path):
         "from twisted.application.service import IServiceMaker\n"
         "import fit_broker\n"
         "assert fit_broker.__file__.startswith(%r), fit_broker.__file__\n"
-        "print(sorted(p.tapname for p in getPlugins(IServiceMaker)))\n" % str(target)
+        "print(sorted(p.tapname for p in getPlugins(IServiceMaker)))\n"
+        "from fit_broker import plugins\n"
+        "from fit_broker.interfaces import IVoterFactory\n"
+        "print(sorted(p.name for p in getPlugins(IVoterFactory, plugins)))\n" % str(target)
     )
     env = dict(os.environ, PYTHONPATH=str(target))
     result = subprocess.run(
@@ -54,3 +59,4 @@ def test_installed_wheel_is_found_by_twistd(wheel, tmp_path):
     )
     assert result.returncode == 0, result.stderr.decode()
     assert "'fitbroker'" in result.stdout.decode()
+    assert "['f-plus-one', 'first-copy', 'signature']" in result.stdout.decode()

@@ -84,11 +84,12 @@ def test_arbitrary_requests_never_break_a_replica(sequence):
 @given(st.lists(st.tuples(st.integers(0, 5), st.lists(batches, max_size=4)), max_size=6))
 def test_arbitrary_copies_never_break_a_voter(offers):
     """Voters take any batches a hostile replica can encode without raising, and never deliver an expired one."""
-    from fit_broker.components import VOTERS
+    from fit_broker import registry
+    from fit_broker.interfaces import IVoterFactory
 
     now = 1_800_000_000.0
     for name in ("first-copy", "f-plus-one"):
-        voter = VOTERS[name](faults=1, replicas=4, channel="events")
+        voter = registry.find(IVoterFactory, name)(faults=1, replicas=4, channel="events")
         for replica, offered in offers:
             for batch in voter.offer(replica, tuple(offered), now):
                 assert batch[2] + batch[3] > now

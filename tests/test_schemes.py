@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from zope.interface.verify import verifyObject
 
-from fit_broker import schemes
+from fit_broker import plugins
 from fit_broker.errors import ConfigError, UnknownComponent
 from fit_broker.interfaces import IKeyRing, IProtectionScheme
 from fit_broker.keys import KeyRing, generate_keyrings
@@ -519,11 +519,11 @@ def test_unknown_scheme_lists_available():
 
 @pytest.fixture
 def builtin_schemes_only(monkeypatch):
-    """Search the built-in scheme package only, and forget drop-in modules, for this test."""
-    monkeypatch.setattr(schemes, "__path__", [os.path.dirname(schemes.__file__)])
-    monkeypatch.delitem(sys.modules, "fit_broker.schemes.example_scheme", raising=False)
+    """Search the built-in plugin package only, and forget drop-in modules, for this test."""
+    monkeypatch.setattr(plugins, "__path__", [os.path.dirname(plugins.__file__)])
+    monkeypatch.delitem(sys.modules, "fit_broker.plugins.example_scheme", raising=False)
     yield
-    sys.modules.pop("fit_broker.schemes.example_scheme", None)
+    sys.modules.pop("fit_broker.plugins.example_scheme", None)
 
 
 def test_drop_in_scheme(tmp_path, builtin_schemes_only, rings):

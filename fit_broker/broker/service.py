@@ -2,11 +2,11 @@
 The broker service: requests in, replies out, for every channel of a replica.
 """
 
-from fit_broker import units
+from fit_broker import registry, units
 from fit_broker.broker.channel import Channel, Refused
 from fit_broker.broker.stream import Stream
-from fit_broker.components import ORDERINGS
 from fit_broker.errors import Status
+from fit_broker.interfaces import IOrderingFactory
 from fit_broker.units import Reply, batch_bytes
 
 MAX_RECEIVE = 10_000
@@ -36,7 +36,7 @@ class BrokerService:
             tag: Channel(
                 spec,
                 schemes(spec.scheme),
-                ORDERINGS[spec.qos.ordering](),
+                registry.find(IOrderingFactory, spec.qos.ordering)(),
                 keys,
                 config.max_clock_skew,
                 light_copies=self._light_copies(spec, replica_index),

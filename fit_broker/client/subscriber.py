@@ -9,9 +9,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from fit_broker import units
-from fit_broker.components import VOTERS
+from fit_broker import registry, units
 from fit_broker.errors import FitBrokerError
+from fit_broker.interfaces import IVoterFactory
 from fit_broker.units import (
     BATCH_OVERHEAD,
     MAX_CREDIT_BYTES,
@@ -167,7 +167,7 @@ class Subscriber:
             spec = self.config.channels[tag]
             record = self.record(tag)
             publishers = spec.publishers
-            voter = self.voters[tag] = VOTERS[spec.voter](
+            voter = self.voters[tag] = registry.find(IVoterFactory, spec.voter)(
                 faults=self.config.faults,
                 scheme=self.schemes(spec.scheme),
                 keys=self.keys,

@@ -1,12 +1,6 @@
 """
-The plugin package of protection schemes.
+The built-in protection schemes: SI, HA, PKS and PKE.
 
-Built-in schemes are modules of this package; drop-in folders named by the
-configuration are appended to its search path by
-L{fit_broker.schemes.registry.add_plugin_folder}.
+They are found, with drop-in schemes, as plugins of L{fit_broker.plugins}
+(L{fit_broker.schemes.registry}).
 """
-
-from twisted.plugin import pluginPackagePaths
-
-__path__.extend(pluginPackagePaths(__name__))
-__all__: list = []

@@ -2,34 +2,18 @@
 Finding protection schemes by name among the plugins.
 """
 
-import os
-
-from twisted.plugin import getPlugins
-
-from fit_broker import schemes
+from fit_broker import registry
 from fit_broker.errors import UnknownComponent
 from fit_broker.interfaces import IProtectionScheme
 
-
-def add_plugin_folder(path):
-    """
-    Make the scheme modules in folder C{path} visible to L{find_scheme}.
-    """
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
-        raise UnknownComponent(f"plugin folder {path!r} does not exist")
-    if path not in schemes.__path__:
-        schemes.__path__.append(path)
+add_plugin_folder = registry.add_plugin_folder
 
 
 def available_schemes():
     """
     Return a dict of scheme name -> scheme for every plugin found.
     """
-    found = {}
-    for scheme in getPlugins(IProtectionScheme, schemes):
-        found.setdefault(scheme.name, scheme)
-    return found
+    return registry.available(IProtectionScheme)
 
 
 def find_scheme(name):
@@ -37,13 +21,7 @@ def find_scheme(name):
     Return the scheme called C{name}, or raise L{UnknownComponent} listing
     the names that exist.
     """
-    found = available_schemes()
-    try:
-        return found[name]
-    except KeyError:
-        raise UnknownComponent(
-            f"no protection scheme called {name!r}; available: {', '.join(sorted(found))}"
-        ) from None
+    return registry.find(IProtectionScheme, name)
 
 
 def scheme_uses_keys(scheme):
@@ -63,8 +41,7 @@ def scheme_lookup(config):
 
     @raise UnknownComponent: naming the channel and the schemes that exist.
     """
-    for folder in config.plugin_folders:
-        add_plugin_folder(folder)
+    registry.add_plugin_folders(config)
     found = available_schemes()
     for tag, spec in config.channels.items():
         if spec.scheme not in found:
