@@ -128,7 +128,6 @@ class Subscriber:
         self._pulled = {}
         self._opened = {}
         self._acks = {}
-        self._ack_count = 0
         self._ack_timer = None
         self._unsettled = set()
         self._ack_call = None
@@ -424,20 +423,27 @@ class Subscriber:
 
     def _ack(self, tag, keys, index=None, kind="keys"):
         """
-        Acknowledge C{keys} of channel C{tag} to every replica, or to replica
-        C{index} only; with C{kind} C{"dropped"}, tell it the voter gave
-        those up undecided.
+        Acknowledge C{keys} of channel C{tag} to every linked replica, or to
+        replica C{index} only; with C{kind} C{"dropped"}, tell it the voter
+        gave those up undecided.  Each replica's acknowledgements wait for
+        its next credit, L{ACK_BATCH} batches or L{ACK_DELAY}.
         """
-        by_channel = self._acks.get((index, kind))
-        if by_channel is None:
-            by_channel = self._acks[(index, kind)] = {}
-        pending = by_channel.get(tag)
-        if pending is None:
-            by_channel[tag] = list(keys)
-        else:
-            pending.extend(keys)
-        self._ack_count += len(keys)
-        if self._ack_count >= ACK_BATCH:
+        targets = self.proxy.links if index is None else (index,)
+        acks = self._acks
+        due = False
+        for target in targets:
+            pending = acks.get(target)
+            if pending is None:
+                pending = acks[target] = [0, {}]
+            keys_of = pending[1].setdefault(kind, {})
+            listed = keys_of.get(tag)
+            if listed is None:
+                keys_of[tag] = list(keys)
+            else:
+                listed.extend(keys)
+            pending[0] += len(keys)
+            due = due or pending[0] >= ACK_BATCH
+        if due:
             self._end_turn_soon()
         elif self._ack_timer is None:
             self._ack_timer = self.clock.callLater(ACK_DELAY, self._ack_due)
@@ -456,32 +462,41 @@ class Subscriber:
         for stream in unsettled:
             if self._streams.get(stream.tag) is stream:
                 self._settle(stream)
-        if self._ack_count >= ACK_BATCH or self._ack_timer is None:
+        if self._ack_timer is None:
             self._flush_acks()
+        else:
+            for index, pending in list(self._acks.items()):
+                if pending[0] >= ACK_BATCH:
+                    self._flush_acks(index)
 
-    def _flush_acks(self):
+    def _flush_acks(self, only=None):
         """
-        Acknowledge to every replica what was handed over since the last
-        time: one frame per replica for every channel, cut into frames of
+        Send every replica (or replica C{only}) what was acknowledged for it
+        since the last time: one frame for every channel, cut into frames of
         L{ACK_CHUNK} keys.
         """
-        if self._ack_timer is not None and self._ack_timer.active():
-            self._ack_timer.cancel()
-        self._ack_timer = None
-        self._ack_count = 0
-        acks, self._acks = self._acks, {}
-        frames = {}
-        for (only, kind), by_channel in acks.items():
-            for tag, keys in by_channel.items():
-                for start in range(0, len(keys), ACK_CHUNK):
-                    frames.setdefault((only, start), {}).setdefault(kind, {})[tag] = keys[
-                        start : start + ACK_CHUNK
-                    ]
-        links = list(self.proxy.links)
-        for (only, _), options in frames.items():
-            request = Request(0, units.ACK, options=options)
-            for index in links if only is None else (only,):
-                self.proxy.send(index, request)
+        acks = self._acks
+        if only is None:
+            if self._ack_timer is not None and self._ack_timer.active():
+                self._ack_timer.cancel()
+            self._ack_timer = None
+            self._acks = {}
+        else:
+            pending = acks.pop(only, None)
+            acks = {only: pending} if pending is not None else {}
+        links = self.proxy.links
+        for index, (_, by_kind) in acks.items():
+            if index not in links:
+                continue
+            frames = {}
+            for kind, by_channel in by_kind.items():
+                for tag, keys in by_channel.items():
+                    for start in range(0, len(keys), ACK_CHUNK):
+                        frames.setdefault(start, {}).setdefault(kind, {})[tag] = keys[
+                            start : start + ACK_CHUNK
+                        ]
+            for options in frames.values():
+                self.proxy.send(index, Request(0, units.ACK, options=options))
 
     def _grant(self, stream):
         """
@@ -494,10 +509,10 @@ class Subscriber:
                 continue
             outstanding = stream.outstanding[index]
             if outstanding[0] <= half_events or outstanding[1] <= half_bytes:
-                if self._ack_count:
+                if index in self._acks:
                     # what was taken is acknowledged before more is asked for, so a
                     # replica holds no more unacknowledged than its credit
-                    self._flush_acks()
+                    self._flush_acks(index)
                 outstanding[0] += owed[0]
                 outstanding[1] += owed[1]
                 self.proxy.send(
