@@ -8,7 +8,6 @@ from zope.interface import implementer
 from fit_broker.interfaces import IQoSClass
 
 OVERFLOW_POLICIES = ("drop-oldest", "drop-newest")
-ORDERINGS = ("none", "channel", "global")
 
 
 @implementer(IQoSClass)

@@ -148,26 +148,6 @@ class _Voter:
         if ranges.check(batch[1], count, digest) == "new":
             ranges.add(batch[1], count, digest)
 
-    def offer_fetched(self, replica, batches, now):
-        """
-        Voters that decide on one copy fetch nothing.
-        """
-        return []
-
-    fetch_ready = False
-
-    def wanted(self, now):
-        return []
-
-    def forget_replica(self, replica):
-        """
-        Nothing is pending in voters that decide on the first acceptable copy.
-        """
-
-    def expire(self, now):
-        """
-        Nothing is pending in voters that decide on the first acceptable copy.
-        """
 
 
 class _FirstAcceptable(_Voter):
@@ -186,6 +166,11 @@ class _FirstAcceptable(_Voter):
 
     def _refusal(self, batch):
         return None
+
+    def forget_replica(self, replica):
+        """
+        Nothing to forget: every copy is done with as soon as it is offered.
+        """
 
     # Every copy is done with as soon as it is offered: the subscriber returns
     # its credit at once instead of asking L{release}.

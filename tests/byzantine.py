@@ -155,17 +155,23 @@ def garbage(seed=1):
     return rewrite
 
 
-def flood(per_delivery=2000):
-    """Send many distinct bogus batches with each delivery, to exhaust the voter."""
-    counter = [5 * 10**15]
+def flood(per_delivery=2000, content=b"noise", ttl=None, first=5 * 10**15):
+    """
+    Send many distinct bogus batches with each delivery, to exhaust the
+    voter: C{content} each, claiming C{ttl} (the real batch's when C{None}).
+    """
+    counter = [first]
 
     @_deliveries
     def rewrite(protocol, delivery):
         some = delivery.batches[0]
+        if ttl is not None:
+            some = _with(some, ttl=ttl)
+        payload = pack_contents([content])
         bogus = []
         for _ in range(per_delivery):
             counter[0] += 1000
-            bogus.append(_with(some, first_id=counter[0], payload=pack_contents([b"noise"])))
+            bogus.append(_with(some, first_id=counter[0], payload=payload))
         return [delivery, Delivery(delivery.channel, tuple(bogus))]
 
     return rewrite
@@ -180,20 +186,7 @@ def lying_acks(protocol, message):
 
 def bogus_full_copies(per_delivery=20, size=100_000, ttl=1e12):
     """Send large invented full copies claiming an enormous TTL with each delivery."""
-    counter = [7 * 10**15]
-
-    @_deliveries
-    def rewrite(protocol, delivery):
-        some = delivery.batches[0]
-        bogus = []
-        for _ in range(per_delivery):
-            counter[0] += 1000
-            bogus.append(
-                _with(some, first_id=counter[0], ttl=ttl, payload=pack_contents([b"\0" * size]))
-            )
-        return [delivery, Delivery(delivery.channel, tuple(bogus))]
-
-    return rewrite
+    return flood(per_delivery, b"\0" * size, ttl, first=7 * 10**15)
 
 
 def requests_to_clients(protocol, message):
