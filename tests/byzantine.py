@@ -1,6 +1,6 @@
 """
 Byzantine replicas for tests: a replica whose outgoing frames are rewritten
-by a behaviour, while it runs the real broker service underneath.
+by a behaviour, while it runs the real broker state machine underneath.
 
 A behaviour is a callable C{(protocol, message) -> list of messages or raw
 bytes} applied to each L{Delivery} and L{Reply} the replica would send.

@@ -1,11 +1,11 @@
 """
-The broker service (L3): access control, deduplication, TTL and queues, no I/O.
+The broker state machine (L3): access control, deduplication, TTL and queues, no I/O.
 """
 
 import attrs
 import pytest
 
-from fit_broker.broker.service import BrokerService
+from fit_broker.broker.machine import BrokerStateMachine
 from fit_broker.schemes.registry import scheme_lookup
 from fit_broker.units import Request, pack_contents
 from tests.simnet import cluster_config
@@ -21,7 +21,7 @@ def broker():
         publishers=frozenset({"probe"}),
         subscribers=frozenset({"console"}),
     )
-    return BrokerService(config, scheme_lookup(config))
+    return BrokerStateMachine(config, scheme_lookup(config))
 
 
 def event(first_id, publisher="probe", timestamp=NOW, ttl=30.0, urgency=0, contents=(b"x",)):

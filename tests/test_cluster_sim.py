@@ -1,6 +1,6 @@
 """
 Whole clusters in one process (simulated network, fake clock): the client
-library, the replicas and the broker service together, under crashes and pauses.
+library, the replicas and the broker state machine together, under crashes and pauses.
 """
 
 from twisted.internet.defer import Deferred

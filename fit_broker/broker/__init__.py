@@ -1,5 +1,5 @@
 """
-L3, the broker service algorithm: control table, channels, per-subscriber
+L3, the broker state machine: control table, channels, per-subscriber
 queues, routing, deduplication, TTL and priorities.  No I/O, no clock: every
 call takes C{now}.
 """

@@ -1,5 +1,5 @@
 """
-A replica as a Twisted service: the broker service behind a listening endpoint.
+A replica as a Twisted service: the broker state machine behind a listening endpoint.
 """
 
 import resource
@@ -11,7 +11,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from fit_broker import units
-from fit_broker.broker.service import BrokerService
+from fit_broker.broker.machine import BrokerStateMachine
 from fit_broker.listening import MustListen
 from fit_broker.metrics import metrics_service, replica_families
 from fit_broker.ratelimit import RateLimitedLog, shorten
@@ -81,7 +81,7 @@ class Replica:
         self.identify = identify
         self.max_frame = DEFAULT_MAX_FRAME
         self.started = clock.seconds()
-        self.broker = BrokerService(config, schemes, keys, replica_index=index)
+        self.broker = BrokerStateMachine(config, schemes, keys, replica_index=index)
         self.broker.on_ready = self._ready
         self.streams = {}
         self.counters = {}

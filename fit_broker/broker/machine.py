@@ -1,5 +1,7 @@
 """
-The broker service: requests in, replies out, for every channel of a replica.
+The broker state machine (L3): requests in, replies out, for every channel of a replica.
+
+Not a Twisted service: L{fit_broker.replica.service} makes the replica's service around it.
 """
 
 from fit_broker import registry, units
@@ -16,7 +18,7 @@ MAX_KEYS = 4096
 MAX_FETCH_BYTES = 4 * 1024 * 1024
 
 
-class BrokerService:
+class BrokerStateMachine:
     """
     One replica's L3 state machine.
 
