@@ -18,7 +18,7 @@ import attrs
 from fit_broker import registry
 from fit_broker.errors import ConfigError, RequestFailed, UnknownComponent
 from fit_broker.interfaces import IOrderingFactory, IQoPMode, IVoterFactory
-from fit_broker.qos import OVERFLOW_POLICIES, QoSClass
+from fit_broker.qos import ORDERING_SCOPES, OVERFLOW_POLICIES, QoSClass
 from fit_broker.toml_reader import TableReader, read_toml
 
 
@@ -66,7 +66,12 @@ class ClusterConfig:
         relative to its folder.
     @ivar max_clock_skew: how far in the future a publisher's timestamp may
         be, in seconds, before replicas refuse its events.
-    @ivar admins: clients that may see the whole status of the cluster.
+    @ivar admins: clients that may see the whole status of the cluster and
+        change the control table at run time.
+    @ivar orderer: the name of the ordering protocol the replicas run
+        (L{IOrderingFactory}), or C{None} when the cluster cannot run one
+        (see L{orderer_problem}).
+    @ivar orderer_problem: why no ordering protocol runs, or C{None}.
     """
 
     path: str
@@ -82,6 +87,8 @@ class ClusterConfig:
     keys_dir: str | None = None
     tls: bool = False
     admins: frozenset = frozenset()
+    orderer: str | None = None
+    orderer_problem: str | None = None
 
     @property
     def folder(self):
@@ -172,8 +179,13 @@ def _load_class(reader, name):
     levels = reader.get("urgency_levels", int, "an integer from 1 to 16", 4)
     if not 1 <= levels <= 16:
         reader.fail("urgency_levels", f"an integer from 1 to 16, found {levels}")
-    ordering = reader.get("ordering", str, "the name of an ordering protocol", "none")
-    _named(reader, "ordering", IOrderingFactory, ordering)
+    ordering = reader.get("ordering", str, "'none', 'channel' or 'global'", "none")
+    if ordering not in ORDERING_SCOPES:
+        reader.fail(
+            "ordering",
+            f"'none', 'channel' or 'global' (a scope; the protocol is [cluster] orderer), "
+            f"found {ordering!r}",
+        )
     capacity = reader.get("capacity", int, "a positive integer", 10_000)
     if capacity < 1:
         reader.fail("capacity", f"a positive integer, found {capacity}")
@@ -198,7 +210,7 @@ def parse_config(path, data):
     cluster = top.sub("cluster")
     cluster.unknown_keys(
         {"name", "faults", "default_client", "plugin_folders", "max_clock_skew", "keys_dir", "tls",
-         "admins"}
+         "admins", "orderer"}
     )
     name = cluster.get("name", str, "the cluster's name", "fitbroker")
     folder = os.path.dirname(os.path.abspath(path))
@@ -281,6 +293,7 @@ def parse_config(path, data):
         )
 
     keys_dir = cluster.get("keys_dir", str, "a folder with the cluster's keys", None)
+    orderer, orderer_problem = _orderer(cluster, channels, len(replicas), faults, keys_dir)
     return ClusterConfig(
         path=path,
         name=name,
@@ -295,7 +308,45 @@ def parse_config(path, data):
         keys_dir=os.path.join(folder, keys_dir) if keys_dir else None,
         tls=cluster.get("tls", bool, "true or false", False),
         admins=admins,
+        orderer=orderer,
+        orderer_problem=orderer_problem,
     )
+
+
+def _orderer(cluster, channels, replicas, faults, keys_dir):
+    """
+    Return C{(orderer name, None)}, or C{(None, why)} when the cluster cannot
+    run one.  C{"auto"} (the default) picks the BFT protocol when any channel
+    is C{qop = "bft"}, else the CFT one.  A cluster with ordered channels
+    that cannot run its orderer stops here with one line; without them it
+    only refuses run-time table changes.
+    """
+    name = cluster.get("orderer", str, "'auto' or the name of an ordering protocol", "auto")
+    if name == "auto":
+        name = AUTO_BFT if any(spec.qop == "bft" for spec in channels.values()) else AUTO_CFT
+    factory = _named(cluster, "orderer", IOrderingFactory, name)
+    ordered = sorted(tag for tag, spec in channels.items() if spec.qos.ordering != "none")
+    problem = None
+    try:
+        factory.check_cluster(replicas, faults)
+    except ConfigError as e:
+        problem = str(e)
+    if problem is None and keys_dir is None:
+        problem = "replicas agree over links authenticated with keys: set [cluster] keys_dir"
+    if problem is not None and ordered:
+        cluster.fail(
+            "orderer",
+            f"an ordering protocol this cluster can run, for ordered channels {', '.join(ordered)}: "
+            f"{name}: {problem}",
+        )
+    if problem is not None:
+        return None, f"{name}: {problem}"
+    return name, None
+
+
+# What orderer = "auto" means.
+AUTO_BFT = "mod-smart"
+AUTO_CFT = "multi-paxos"
 
 
 def load_config(path):

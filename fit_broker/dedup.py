@@ -160,6 +160,31 @@ class IdRanges:
         if len(order) > self.window:
             self._forget(order.popleft())
 
+    def export(self):
+        """
+        Return C{(floor, top, ranges)}, ranges as C{(first_id, count,
+        digest)} oldest first: all that L{restored} needs to rebuild an
+        equal memory, so replicas can hand it over in state transfer.
+        """
+        return (
+            self.floor,
+            self._top,
+            [(first, self._ranges[first][0] - first + 1, self._ranges[first][1]) for first in self._order],
+        )
+
+    @classmethod
+    def restored(cls, window, exported):
+        """
+        Rebuild what L{export} returned.
+        """
+        floor, top, ranges = exported
+        memory = cls(window)
+        for first_id, count, digest in ranges:
+            memory.add(first_id, count, digest)
+        memory.floor = floor
+        memory._top = max(top, memory._top)
+        return memory
+
     def _forget(self, start):
         end, _ = self._ranges.pop(start)
         starts = self._starts

@@ -8,6 +8,9 @@ from zope.interface import implementer
 from fit_broker.interfaces import IQoSClass
 
 OVERFLOW_POLICIES = ("drop-oldest", "drop-newest")
+# What a class's ordering says: no order across publishers ("none"), log order
+# within each channel ("channel"), or log order across every "global" channel.
+ORDERING_SCOPES = ("none", "channel", "global")
 
 
 @implementer(IQoSClass)

@@ -21,13 +21,14 @@ from tests.byzantine import ByzantineReplicaProtocol
 
 def cluster_config(
     channels=("events",), replicas=4, faults=1, clients=("probe", "console"), qop="cft",
-    scheme="si", voter=None, **qos
+    scheme="si", voter=None, keys_dir=None, **qos
 ):
     """
     Return a L{ClusterConfig} for tests: C{channels} each with class C{qos}.
     """
     data = {
-        "cluster": {"name": "sim", "faults": faults, "default_client": clients[0]},
+        "cluster": {"name": "sim", "faults": faults, "default_client": clients[0],
+                    **({"keys_dir": keys_dir} if keys_dir else {})},
         "replicas": [
             {"listen": f"tcp:{7600 + i}", "connect": f"tcp:127.0.0.1:{7600 + i}"}
             for i in range(replicas)

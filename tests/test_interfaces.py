@@ -27,7 +27,7 @@ def test_builtins_are_plugins():
     """Every built-in QoP mode, voter and ordering protocol is found as a plugin by its name."""
     assert {"cft", "bft"} <= set(QOP_MODES)
     assert {"first-copy", "f-plus-one", "signature"} <= set(VOTERS)
-    assert "none" in ORDERINGS
+    assert {"mod-smart", "multi-paxos"} <= set(ORDERINGS)
     for found in (QOP_MODES, VOTERS, ORDERINGS):
         assert all(plugin.name == name for name, plugin in found.items())
 
@@ -68,12 +68,26 @@ def test_voters(name):
 
 @pytest.mark.parametrize("name", sorted(ORDERINGS))
 def test_orderings(name):
-    """Every ordering plugin provides IOrderingFactory and makes a fresh IOrderingProtocol."""
+    """Every ordering plugin provides IOrderingFactory, checks the cluster's size and makes a fresh IOrderingProtocol per replica."""
+    from fit_broker.errors import ConfigError
+
     factory = ORDERINGS[name]
     assert verifyObject(IOrderingFactory, factory)
-    protocol = factory()
+    factory.check_cluster(4, 1)
+    with pytest.raises(ConfigError):
+        factory.check_cluster(2, 1)
+    crypto = _Crypto()
+    protocol = factory(0, 4, 1, crypto)
     assert verifyObject(IOrderingProtocol, protocol)
-    assert protocol.name == name and factory() is not protocol
+    assert protocol.name == name and factory(1, 4, 1, crypto) is not protocol
+
+
+class _Crypto:
+    def sign(self, data):
+        return b"s" + data[:8]
+
+    def verify(self, replica, data, signature):
+        return signature == b"s" + data[:8]
 
 
 @pytest.mark.parametrize("name", sorted(available_schemes()))

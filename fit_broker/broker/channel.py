@@ -3,6 +3,7 @@ A channel: one row of the control table and the state it carries at a replica.
 """
 
 from fit_broker.broker.queue import OutputQueue
+from fit_broker.broker.stream import Stream
 from fit_broker.dedup import IdRanges
 from fit_broker.errors import Status
 from fit_broker.units import batch_bytes, batch_digest, digest_form, full_copy_senders, payload_count
@@ -43,13 +44,18 @@ class Channel:
     A channel's replica-side state: who published what, and who waits for it.
 
     Channels share nothing, so the per-event path takes no global structure.
+    An unordered channel applies what it admits at once; an ordered one
+    (L{fit_broker.broker.ordered_channel.OrderedChannel}) after the log
+    decided it.
 
     @ivar queues: subscriber name -> L{OutputQueue}.
     @ivar counters: reason -> count, for everything accepted or refused here.
     """
 
+    ordered = False
+
     def __init__(
-        self, spec, scheme, ordering, keys=None, max_clock_skew=300.0, dedup_window=DEDUP_WINDOW,
+        self, spec, scheme, keys=None, max_clock_skew=300.0, dedup_window=DEDUP_WINDOW,
         light_copies=None,
     ):
         """
@@ -61,7 +67,6 @@ class Channel:
         self.light_copies = light_copies
         self.tag = spec.tag
         self.scheme = scheme
-        self.ordering = ordering
         self.keys = keys
         self.max_clock_skew = max_clock_skew
         self.dedup_window = dedup_window
@@ -98,23 +103,33 @@ class Channel:
         Accept batches from C{client}; return the C{(count, outgoing, full,
         bytes)} entries appended.
 
+        Admission (L{admit}) first, then application: duplicates and
+        batches already expired are dropped and counted, and the publish
+        still succeeds.  Payloads are never decoded here.
+        """
+        checked = self.admit(client, batches, now)
+        return self.apply(client, checked, now)
+
+    def admit(self, client, batches, now):
+        """
+        Check a publish as every replica does before anything is applied:
+        authorisation, shape, the protection scheme, and ids.  Return
+        C{(count, batch, identity, verdict)} for each batch, the verdict
+        being L{IdRanges.check}'s against what this channel accepted.
+
         A request is refused whole (L{Refused}) when a batch is not authentic
         or malformed, so a publisher never has to guess which part was taken.
-        Duplicates and batches already expired are dropped and counted, and
-        the publish still succeeds.  A batch whose id range overlaps another
-        batch of the same publisher (not the same batch again) is refused:
-        events are identified by C{(publisher, event id)}, and two contents
-        for one identity must never both be delivered.  Payloads are never
-        decoded here.
+        A batch whose id range overlaps another batch of the same publisher
+        (not the same batch again) is refused: events are identified by
+        C{(publisher, event id)}, and two contents for one identity must
+        never both be delivered.
         """
         self.check_publisher(client)
         qos = self.spec.qos
         levels = qos.urgency_levels
         max_ttl = qos.ttl
         latest = now + self.max_clock_skew
-        ranges = self._recent.get(client)
-        if ranges is None:
-            ranges = self._recent[client] = IdRanges(self.dedup_window)
+        ranges = self._ranges(client)
         checked = []
         for index, batch in enumerate(batches):
             publisher, first_id, timestamp, ttl, urgency, payload, _ = batch
@@ -162,6 +177,20 @@ class Channel:
             if verdict == "conflict":
                 raise self._overlap(index, client, first_id, count)
             checked.append((count, batch, digest, verdict))
+        return checked
+
+    def _ranges(self, client):
+        ranges = self._recent.get(client)
+        if ranges is None:
+            ranges = self._recent[client] = IdRanges(self.dedup_window)
+        return ranges
+
+    def apply(self, client, checked, now):
+        """
+        Append admitted batches (L{admit}) to every subscriber's queue:
+        duplicates and batches already expired are dropped and counted.
+        """
+        ranges = self._ranges(client)
         fresh = []
         duplicates = expired = 0
         several = len(checked) > 1
@@ -184,11 +213,8 @@ class Channel:
         if expired:
             self.count("expired-on-arrival", expired)
         self.registered.add(client)
-        appended = []
-        for _, entries in self.ordering.submit(self.tag, fresh, now):
-            self.append(entries)
-            appended.extend(entries)
-        return appended
+        self.append(fresh)
+        return fresh
 
     def _overlap(self, index, client, first_id, count):
         return self.refuse(
@@ -256,6 +282,22 @@ class Channel:
                 "not-subscribed",
             )
         return queue
+
+    def lookup(self, client, key):
+        """
+        Return the full batch of C{key} for a fetch by C{client}: one that
+        waits in its queue or was sent to it and not acknowledged.
+        """
+        return self.queue_of(client).lookup(key)
+
+    def open_stream(self, client, events, nbytes):
+        """
+        Start pushing to C{client}: what it was sent and did not
+        acknowledge is queued again first.
+        """
+        queue = self.queue_of(client)
+        queue.requeue_unacked()
+        return Stream(self.tag, queue, events, nbytes)
 
     def take(self, client, count, now):
         """

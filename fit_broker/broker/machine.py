@@ -4,18 +4,55 @@ The broker state machine (L3): requests in, replies out, for every channel of a 
 Not a Twisted service: L{fit_broker.replica.service} makes the replica's service around it.
 """
 
-from fit_broker import registry, units
+from collections import OrderedDict
+
+from fit_broker import units
 from fit_broker.broker.channel import Channel, Refused
-from fit_broker.broker.stream import Stream
+from fit_broker.broker.ordered import (
+    BATCH,
+    REGISTER,
+    SUBSCRIBE,
+    TABLE,
+    UNSUBSCRIBE,
+    ReplicatedState,
+    ref_key,
+)
+from fit_broker.broker.ordered_channel import OrderedChannel
 from fit_broker.errors import Status
-from fit_broker.interfaces import IOrderingFactory
-from fit_broker.units import Reply, batch_bytes
+from fit_broker.units import Reply, batch_bytes, batch_digest
 
 MAX_RECEIVE = 10_000
 # Batch identities one acknowledgement or fetch may name.
 MAX_KEYS = 4096
 # Bytes of batches one fetch reply carries, beyond its first batch.
 MAX_FETCH_BYTES = 4 * 1024 * 1024
+# Seconds a request waits for the log before it is answered that it was not
+# ordered (the client may retry; what is decided later is still applied).
+ORDER_TIMEOUT = 60.0
+# Decided values whose log position is remembered, to answer a retry.
+POSITIONS_MEMORY = 65_536
+# Decided batches this replica lacks and asks its peers for, at most.
+MAX_MISSING = 65_536
+# Batch references one peer fetch asks for.
+PEER_FETCH_CHUNK = 256
+# Seconds before a missing batch is asked for again.
+PEER_FETCH_RETRY = 1.0
+
+
+class _Waiting:
+    """
+    A request waiting for the log: the values it needs decided.
+    """
+
+    __slots__ = ("request", "tag", "remaining", "positions", "since", "info")
+
+    def __init__(self, request, tag, since, info):
+        self.request = request
+        self.tag = tag
+        self.remaining = set()
+        self.positions = []
+        self.since = since
+        self.info = info
 
 
 class BrokerStateMachine:
@@ -34,19 +71,32 @@ class BrokerStateMachine:
             digests of the others (see L{fit_broker.units.full_copy_senders}).
         """
         self.config = config
-        self.channels = {
-            tag: Channel(
-                spec,
-                schemes(spec.scheme),
-                registry.find(IOrderingFactory, spec.qos.ordering)(),
-                keys,
-                config.max_clock_skew,
-                light_copies=self._light_copies(spec, replica_index),
-            )
-            for tag, spec in config.channels.items()
-        }
+        self.schemes = schemes
+        self.keys = keys
+        self.replica_index = replica_index
+        self.channels = {tag: self._channel(spec) for tag, spec in config.channels.items()}
+        self.state = ReplicatedState(tag for tag, c in self.channels.items() if c.ordered)
         self.on_ready = lambda tag: None
         self.counters = {"requests": 0}
+        # values for the log, taken by the replica (L{take_proposals})
+        self.proposals = []
+        # requests waiting for the log: token -> _Waiting, value -> tokens
+        self._tokens = {}
+        self._waiting = {}
+        self._answers = []
+        self._positions = OrderedDict()
+        # decided batches this replica lacks: key -> (ref, last asked)
+        self.missing = OrderedDict()
+
+    def _channel(self, spec):
+        kind = OrderedChannel if spec.qos.ordering != "none" else Channel
+        return kind(
+            spec,
+            self.schemes(spec.scheme),
+            self.keys,
+            self.config.max_clock_skew,
+            light_copies=self._light_copies(spec, self.replica_index),
+        )
 
     def _light_copies(self, spec, replica_index):
         """
@@ -64,9 +114,11 @@ class BrokerStateMachine:
     def _count(self, reason):
         self.counters[reason] = self.counters.get(reason, 0) + 1
 
-    def handle(self, client, request, now):
+    def handle(self, client, request, now, token=None):
         """
-        Carry out C{request} for the authenticated C{client}; return a L{Reply}.
+        Carry out C{request} for the authenticated C{client}; return a
+        L{Reply}, or C{None} when the answer waits for the replicated log:
+        it comes later from L{take_answers} with C{token}.
         """
         self.counters["requests"] += 1
         method = request.method
@@ -85,6 +137,8 @@ class BrokerStateMachine:
                 channel=request.channel,
             )
         try:
+            if channel.ordered and request.method in _THROUGH_LOG:
+                return self._through_log(channel, client, request, now, token)
             return self._dispatch(channel, client, request, now)
         except Refused as refused:
             return Reply(request.seq, refused.status, refused.text, channel=channel.tag)
@@ -130,6 +184,281 @@ class BrokerStateMachine:
             seq, Status.UNKNOWN_METHOD, f"method {method!r} is not served here", channel=tag
         )
 
+    def _through_log(self, channel, client, request, now, token):
+        """
+        What changes an ordered channel goes through the log, so that every
+        correct replica applies it at the same position: publishes (as
+        batch references), and first subscriptions, unsubscriptions and
+        registrations.
+        """
+        method = request.method
+        tag = channel.tag
+        if method == units.PUBLISH:
+            expired_before = channel.counters["expired-on-arrival"]
+            admitted = channel.admit_refs(client, request.batches, now)
+            waiting = _Waiting(request, tag, now, {})
+            expired = channel.counters["expired-on-arrival"] - expired_before
+            if expired:
+                waiting.info["expired"] = expired
+            values = []
+            for ref, verdict in admitted:
+                position = self._positions.get(ref)
+                if position is not None:
+                    waiting.positions.append(position)
+                elif verdict != "new" and ref not in self._waiting:
+                    channel.count("duplicate", ref[4])
+                else:
+                    values.append(ref)
+            waiting.info["appended"] = sum(ref[4] for ref, _ in admitted)
+            return self._wait(waiting, values, token)
+        if method == units.SUBSCRIBE:
+            channel.check_subscriber(client)
+            if client in self.state.subscribers[tag]:
+                return self._dispatch(channel, client, request, now)
+            value = (SUBSCRIBE, tag, client)
+        elif method == units.UNSUBSCRIBE:
+            if client not in self.state.subscribers[tag]:
+                channel.unsubscribe(client)
+                return Reply(request.seq, Status.OK, channel=tag)
+            value = (UNSUBSCRIBE, tag, client)
+        else:
+            channel.check_publisher(client)
+            if client in self.state.registered[tag]:
+                return Reply(request.seq, Status.OK, channel=tag)
+            value = (REGISTER, tag, client)
+        return self._wait(_Waiting(request, tag, now, {}), [value], token)
+
+    def _wait(self, waiting, values, token):
+        if not values:
+            return self._answer(waiting)
+        if token is None:
+            token = object()
+        waiting.remaining.update(values)
+        self._tokens[token] = waiting
+        for value in values:
+            self._waiting.setdefault(value, []).append(token)
+        self.proposals.extend(values)
+        return None
+
+    def _answer(self, waiting):
+        request = waiting.request
+        info = {}
+        if waiting.positions:
+            info["position"] = max(waiting.positions)
+        if request.method == units.PUBLISH:
+            info["appended"] = waiting.info.get("appended", 0)
+            if waiting.info.get("expired"):
+                info["expired"] = waiting.info["expired"]
+        elif request.method == units.SUBSCRIBE:
+            info["qos"] = self.channels[waiting.tag].spec.qos.name
+            info["seq"] = self.state.next_seq.get(waiting.tag, 1)
+        return Reply(request.seq, Status.OK, channel=waiting.tag, info=info)
+
+    def take_proposals(self):
+        """
+        Return the values to hand to the ordering protocol, and forget them.
+        """
+        proposals, self.proposals = self.proposals, []
+        return proposals
+
+    def take_answers(self):
+        """
+        Return C{(token, reply)} pairs for requests the log has answered.
+        """
+        answers, self._answers = self._answers, []
+        return answers
+
+    def apply_decided(self, decided, now):
+        """
+        Apply decided log entries (C{instance, timestamp, values}) in order.
+        Every correct replica applies the same entries alike: nothing here
+        reads this replica's clock or its local queues to decide.
+        """
+        state = self.state
+        for entry in decided:
+            state.instance = entry.instance
+            timestamp = entry.timestamp
+            for value in entry.values:
+                state.position += 1
+                position = state.position
+                kind = value[0]
+                if kind == BATCH:
+                    self._apply_batch(value, position, timestamp)
+                elif kind in (SUBSCRIBE, UNSUBSCRIBE, REGISTER):
+                    self._apply_membership(value)
+                elif kind == TABLE:
+                    self._count("table-change-unsupported")
+                self._decided(value, position)
+
+    def _apply_batch(self, ref, position, timestamp):
+        tag = ref[1]
+        channel = self.channels.get(tag)
+        if channel is None or not channel.ordered:
+            self._count("decided-unknown-channel")
+            return
+        if not channel.spec.may_publish(ref[2]):
+            channel.count("decided-unauthorized", ref[4])
+            return
+        verdict = self.state.dedup(ref)
+        if verdict != "new":
+            channel.count("decided-duplicate" if verdict == "duplicate" else f"decided-{verdict}", ref[4])
+            return
+        seq = self.state.next_seq[tag]
+        self.state.next_seq[tag] = seq + 1
+        channel.apply(ref, position, seq, timestamp)
+        if not channel.holds(ref):
+            key = (tag,) + ref_key(ref)
+            if key not in self.missing:
+                self.missing[key] = [ref, None]
+                if len(self.missing) > MAX_MISSING:
+                    self.missing.popitem(last=False)
+                    self._count("missing-forgotten")
+        self.on_ready(tag)
+
+    def _apply_membership(self, value):
+        kind, tag, client = value
+        channel = self.channels.get(tag)
+        if channel is None or not channel.ordered:
+            self._count("decided-unknown-channel")
+            return
+        state = self.state
+        if kind == SUBSCRIBE:
+            if channel.spec.may_subscribe(client):
+                state.subscribers[tag].add(client)
+                channel.subscribe(client, True)
+        elif kind == UNSUBSCRIBE:
+            state.subscribers[tag].discard(client)
+            channel.unsubscribe(client)
+        elif channel.spec.may_publish(client):
+            state.registered[tag].add(client)
+            channel.registered.add(client)
+
+    def _decided(self, value, position):
+        positions = self._positions
+        positions[value] = position
+        if len(positions) > POSITIONS_MEMORY:
+            positions.popitem(last=False)
+        tokens = self._waiting.pop(value, None)
+        if not tokens:
+            return
+        for token in tokens:
+            waiting = self._tokens.get(token)
+            if waiting is None:
+                continue
+            waiting.remaining.discard(value)
+            waiting.positions.append(position)
+            if not waiting.remaining:
+                del self._tokens[token]
+                self._answers.append((token, self._answer(waiting)))
+
+    def expire_waiting(self, now):
+        """
+        Answer requests that waited for the log longer than
+        L{ORDER_TIMEOUT}: not ordered (yet), so the client may retry.
+        """
+        late = [t for t, w in self._tokens.items() if now - w.since > ORDER_TIMEOUT]
+        for token in late:
+            waiting = self._tokens.pop(token)
+            for value in waiting.remaining:
+                tokens = self._waiting.get(value)
+                if tokens is not None and token in tokens:
+                    tokens.remove(token)
+                    if not tokens:
+                        del self._waiting[value]
+            self._count("order-timeout")
+            self._answers.append((token, Reply(
+                waiting.request.seq, Status.BUSY,
+                f"not ordered within {ORDER_TIMEOUT:g} s: the replicas could not agree in time",
+                channel=waiting.tag,
+            )))
+
+    def missing_to_fetch(self, now):
+        """
+        Return references of decided batches this replica lacks, to ask its
+        peers for (each at most every L{PEER_FETCH_RETRY} seconds).
+        """
+        wanted = []
+        for entry in self.missing.values():
+            ref, asked = entry
+            if asked is None or now - asked >= PEER_FETCH_RETRY:
+                entry[1] = now
+                wanted.append(ref)
+                if len(wanted) >= PEER_FETCH_CHUNK:
+                    break
+        return wanted
+
+    def serve_peer_fetch(self, refs):
+        """
+        Return the batches among C{refs} (a peer's list, unchecked) this
+        replica holds, within L{MAX_FETCH_BYTES}.
+        """
+        found = []
+        size = 0
+        if type(refs) not in (list, tuple):
+            return found
+        for ref in refs[:PEER_FETCH_CHUNK]:
+            if type(ref) not in (list, tuple) or len(ref) != 3:
+                continue
+            tag, publisher, first_id = ref
+            channel = self.channels.get(tag) if type(tag) is str else None
+            if channel is None or not channel.ordered:
+                continue
+            batch = channel.body((publisher, first_id)) if type(first_id) is int else None
+            if batch is not None:
+                found.append((tag, batch))
+                size += batch_bytes(batch)
+                if size >= MAX_FETCH_BYTES:
+                    break
+        return found
+
+    def peer_fetched(self, found):
+        """
+        Keep the batches a peer sent for what this replica lacks, each only
+        when it matches the decided digest.
+        """
+        kept = 0
+        for tag, batch in found:
+            entry = self.missing.get((tag, batch[0], batch[1]))
+            if entry is None:
+                continue
+            ref = entry[0]
+            if batch_digest(batch) != ref[5]:
+                self._count("peer-fetch-mismatch")
+                continue
+            del self.missing[(tag, batch[0], batch[1])]
+            self.channels[tag].keep(batch, ref[5])
+            kept += 1
+        if kept:
+            self._count("peer-fetched")
+        return kept
+
+    def state_snapshot(self):
+        """
+        The replicated state as bytes, for a checkpoint.
+        """
+        return self.state.snapshot()
+
+    def restore_state(self, data):
+        """
+        Install a replicated state that state transfer brought: subscriber
+        queues follow the subscriptions it names (new ones start empty, as
+        this replica missed what was decided before).
+        """
+        self.state = ReplicatedState.restore(data)
+        for tag, channel in self.channels.items():
+            if not channel.ordered:
+                continue
+            self.state.add_channel(tag)
+            subscribers = self.state.subscribers[tag]
+            for client in list(channel.queues):
+                if client not in subscribers:
+                    channel.unsubscribe(client)
+            for client in subscribers:
+                if client not in channel.queues:
+                    channel.queues[client] = channel.new_queue()
+            channel.registered |= self.state.registered[tag]
+        self._count("state-restored")
+
     def acknowledged(self, client, options):
         """
         Carry out one acknowledgement frame of C{client}, for any number of
@@ -162,11 +491,11 @@ class BrokerStateMachine:
         (waiting, or sent and not acknowledged).
         """
         channel = self.channels[tag]
-        queue = channel.queue_of(client)
+        channel.queue_of(client)
         found = []
         size = 0
         for key in _batch_keys(keys):
-            batch = queue.lookup(key)
+            batch = channel.lookup(client, key)
             if batch is not None:
                 found.append(batch)
                 size += batch_bytes(batch)
@@ -181,9 +510,7 @@ class BrokerStateMachine:
         Start pushing C{tag} to C{client}: what it was sent and did not
         acknowledge is queued again first.
         """
-        queue = self.channels[tag].queue_of(client)
-        queue.requeue_unacked()
-        return Stream(tag, queue, events, nbytes)
+        return self.channels[tag].open_stream(client, events, nbytes)
 
     def expire(self, now):
         for channel in self.channels.values():
@@ -207,6 +534,9 @@ class BrokerStateMachine:
                 if channel.spec.may_publish(client) or channel.spec.may_subscribe(client)
             },
         }
+
+
+_THROUGH_LOG = frozenset({units.PUBLISH, units.SUBSCRIBE, units.UNSUBSCRIBE, units.REGISTER})
 
 
 def _batch_keys(keys):

@@ -2,6 +2,6 @@
 The built-in ordering protocols, as plugins.
 """
 
-from fit_broker.ordering import no_ordering
+from fit_broker.ordering import mod_smart, multi_paxos
 
-__all__ = ["no_ordering"]
+__all__ = ["mod_smart", "multi_paxos"]

@@ -1,0 +1,236 @@
+"""
+Ordered channels in the broker state machine: admission before the log,
+the same application of decided entries at every replica, tombstones for
+gaps, and replies that wait for the log.
+"""
+
+import attrs
+import pytest
+
+from fit_broker.broker.machine import BrokerStateMachine
+from fit_broker.broker.ordered import (
+    EXPIRED,
+    OVERFLOW,
+    OrderedQueue,
+    ReplicatedState,
+    batch_ref,
+    check_value,
+)
+from fit_broker.schemes.registry import scheme_lookup
+from fit_broker.units import Request, batch_digest, pack_contents
+from tests.simnet import cluster_config
+
+NOW = 1_800_000_000.0
+
+
+@attrs.frozen
+class Decided:
+    instance: int
+    timestamp: float
+    values: tuple
+
+
+def config(**qos):
+    qos.setdefault("ordering", "channel")
+    return cluster_config(("events", "plain"), keys_dir="keys", **qos)
+
+
+def machine(index=0, **qos):
+    c = config(**qos)
+    # the "plain" channel stays unordered
+    c.channels["plain"] = attrs.evolve(c.channels["plain"], qos=attrs.evolve(c.channels["plain"].qos, ordering="none"))
+    return BrokerStateMachine(c, scheme_lookup(c), replica_index=index)
+
+
+def event(first_id, publisher="probe", timestamp=NOW, ttl=30.0, contents=(b"x",)):
+    return (publisher, first_id, timestamp, ttl, 0, pack_contents(list(contents)), b"")
+
+
+def publish(m, batches, client="probe", channel="events", seq=1, token="t"):
+    return m.handle(client, Request(seq, "publish", channel, 0, tuple(batches)), NOW, token)
+
+
+class Log:
+    """Decides values in the order they are given, for several machines alike."""
+
+    def __init__(self, *machines):
+        self.machines = machines
+        self.instance = 0
+
+    def decide(self, values, timestamp=NOW):
+        self.instance += 1
+        entry = Decided(self.instance, timestamp, tuple(values))
+        for m in self.machines:
+            m.apply_decided([entry], NOW)
+
+
+def subscribe(m, log, client="console", channel="events"):
+    reply = m.handle(client, Request(2, "subscribe", channel, options={"stream": True}), NOW, "s")
+    assert reply is None
+    log.decide(m.take_proposals())
+    answers = dict(m.take_answers())
+    assert answers["s"].ok, answers
+    return answers["s"]
+
+
+def test_publish_waits_for_the_log_and_answers_with_the_position():
+    """An ordered publish is answered only once its references are decided, with their position."""
+    m = machine()
+    log = Log(m)
+    subscribe(m, log)
+    assert publish(m, [event(1), event(2)]) is None
+    proposals = m.take_proposals()
+    assert [p[0] for p in proposals] == ["batch", "batch"] and all(check_value(p) is None for p in proposals)
+    assert m.take_answers() == []
+    log.decide(proposals)
+    (token, reply), = m.take_answers()
+    assert token == "t" and reply.ok and reply.info["position"] == 3 and reply.info["appended"] == 2
+
+
+def test_replicas_applying_one_log_agree_on_sequence_numbers_and_state():
+    """Two replicas that admitted different things but apply the same log queue the same entries and hold equal state."""
+    a, b = machine(0), machine(1)
+    log = Log(a, b)
+    subscribe(a, log)
+    b.handle("console", Request(2, "subscribe", "events", options={"stream": True}), NOW, "s")
+    publish(a, [event(1)])
+    publish(b, [event(2)])
+    refs = a.take_proposals() + b.take_proposals()
+    log.decide(refs)
+    log.decide(refs)  # a Byzantine leader repeats them: deduplicated alike
+    assert a.state_snapshot() == b.state_snapshot()
+    entries = []
+    for m in (a, b):
+        stream = m.open_stream("events", "console", 100, 1 << 20)
+        entries.append([(e[0], e[1], e[3]) for e in stream.take(NOW)])
+    assert entries[0] == entries[1] == [(2, 1, ""), (3, 2, "")]
+    assert a.channels["events"].counters["decided-duplicate"] == 2
+
+
+def test_a_batch_expired_at_the_decided_timestamp_leaves_a_tombstone():
+    """A reference decided after its TTL becomes a tombstone with its sequence number, never a silent gap."""
+    m = machine()
+    log = Log(m)
+    subscribe(m, log)
+    publish(m, [event(1, ttl=5.0), event(2)])
+    log.decide(m.take_proposals(), timestamp=NOW + 10)
+    stream = m.open_stream("events", "console", 100, 1 << 20)
+    taken = stream.take(NOW)
+    assert [(e[1], e[3]) for e in taken] == [(1, EXPIRED), (2, "")]
+    assert taken[0][2][5] == b"" and len(taken[0][2][6]) == 32
+
+
+def test_a_replica_lacking_a_decided_batch_sends_its_digest_and_fetches_it_from_peers():
+    """A decided reference whose body this replica never got goes out as its digest and is fetched and checked."""
+    a, b = machine(0), machine(1)
+    log = Log(a, b)
+    subscribe(a, log)
+    b.handle("console", Request(2, "subscribe", "events", options={"stream": True}), NOW, "s")
+    publish(a, [event(1)])
+    log.decide(a.take_proposals())
+    wanted = b.missing_to_fetch(NOW)
+    assert len(wanted) == 1 and b.missing_to_fetch(NOW) == []
+    found = a.serve_peer_fetch([(w[1], w[2], w[3]) for w in wanted])
+    forged = [("events", event(1, contents=(b"forged",)))]
+    assert b.peer_fetched(forged) == 0 and b.counters["peer-fetch-mismatch"] == 1
+    assert b.peer_fetched(found) == 1 and not b.missing
+    stream = b.open_stream("events", "console", 100, 1 << 20)
+    assert stream.take(NOW)[0][2] == event(1)
+
+
+def test_subscription_goes_through_the_log_and_unordered_channels_do_not():
+    """A first subscription to an ordered channel waits for the log; an unordered channel answers at once."""
+    m = machine()
+    assert m.handle("console", Request(2, "subscribe", "events"), NOW, "s") is None
+    assert m.take_proposals() == [("subscribe", "events", "console")]
+    assert m.handle("console", Request(3, "subscribe", "plain"), NOW, "p").ok
+    reply = m.handle("probe", Request(4, "publish", "plain", 0, (event(1),)), NOW, "q")
+    assert reply.ok and m.take_proposals() == []
+
+
+def test_a_retry_of_a_decided_batch_is_answered_at_once_with_its_position():
+    """A publisher that retries a batch already decided gets its position without a new proposal."""
+    m = machine()
+    log = Log(m)
+    publish(m, [event(1)])
+    log.decide(m.take_proposals())
+    m.take_answers()
+    reply = publish(m, [event(1)], seq=5)
+    assert reply.ok and reply.info["position"] == 1 and m.take_proposals() == []
+
+
+def test_a_request_the_log_never_decides_is_answered_busy_after_the_timeout():
+    """A publish that is never ordered is answered, not left hanging."""
+    from fit_broker.broker.machine import ORDER_TIMEOUT
+
+    m = machine()
+    publish(m, [event(1)])
+    m.expire_waiting(NOW + ORDER_TIMEOUT + 1)
+    (token, reply), = m.take_answers()
+    assert token == "t" and reply.status == "busy" and "not ordered" in reply.text
+
+
+def test_state_transfer_restores_subscriptions_and_sequence_numbers():
+    """A replica restored from another's snapshot continues the same sequence numbers."""
+    a, b = machine(0), machine(1)
+    log = Log(a)
+    subscribe(a, log)
+    publish(a, [event(1), event(2)])
+    log.decide(a.take_proposals())
+    b.restore_state(a.state_snapshot())
+    assert b.state_snapshot() == a.state_snapshot()
+    assert "console" in b.channels["events"].queues
+    log = Log(a, b)
+    publish(a, [event(3)])
+    log.decide(a.take_proposals())
+    stream = b.open_stream("events", "console", 100, 1 << 20)
+    assert [(e[0], e[1]) for e in stream.take(NOW)] == [(4, 3)]
+
+
+def test_pulls_are_refused_on_ordered_channels():
+    """An ordered channel streams; a pull gets a clear refusal."""
+    m = machine()
+    Log(m)
+    reply = m.handle("console", Request(3, "receive", "events", 10), NOW)
+    assert reply.status == "bad-request" and "ordered" in reply.text
+
+
+@pytest.mark.parametrize("policy", ["drop-oldest", "drop-newest"])
+def test_overflow_leaves_merged_tombstones_and_keeps_sequence(policy):
+    """A full ordered queue turns batches into tombstones (merged when adjacent), never into a gap."""
+    q = OrderedQueue(capacity=3, overflow=policy)
+    for seq in range(1, 8):
+        ref = batch_ref("events", event(seq), batch_digest(event(seq)))
+        q.append(seq, seq, ref)
+    taken = q.take(100, 1 << 20, NOW, lambda ref: event(ref[3]))
+    seqs = []
+    for position, seq, batch, note, span in taken:
+        seqs.extend(range(seq, seq + span))
+        if note:
+            assert note == OVERFLOW and span >= 1
+    assert seqs == list(range(1, 8))
+    assert sum(1 for e in taken if not e[3]) == 3
+    assert len([e for e in taken if e[3]]) == 1
+
+
+def test_acknowledged_entries_are_forgotten_and_unacknowledged_ones_resent_in_order():
+    """Acks free entries; a reconnect resends the rest in sequence order."""
+    q = OrderedQueue(capacity=100)
+    refs = [batch_ref("events", event(i), batch_digest(event(i))) for i in range(1, 5)]
+    for i, ref in enumerate(refs, 1):
+        q.append(i, i, ref)
+    form = lambda ref: event(ref[3])
+    assert [e[1] for e in q.take(100, 1 << 20, NOW, form)] == [1, 2, 3, 4]
+    assert q.ack([("probe", 2)]) == 1
+    q.requeue_unacked()
+    assert [e[1] for e in q.take(100, 1 << 20, NOW, form)] == [1, 3, 4]
+    assert q.watermark(9) == 9
+
+
+def test_snapshot_round_trip_and_garbage():
+    """The replicated state survives a snapshot round trip, and garbage is refused with ValueError."""
+    s = ReplicatedState(["events"])
+    s.dedup(batch_ref("events", event(1), batch_digest(event(1))))
+    assert ReplicatedState.restore(s.snapshot()).snapshot() == s.snapshot()
+    with pytest.raises(ValueError):
+        ReplicatedState.restore(b"\x93garbage")
