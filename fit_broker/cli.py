@@ -146,7 +146,66 @@ def _parser():
     )
     sink.set_defaults(run=_sink)
 
+    _admin_parser(commands, common)
     return parser
+
+
+def _admin_parser(commands, common):
+    """
+    Add C{fitbroker admin ...}: show the control table, or change it with
+    a change signed by the administrator's key.
+    """
+    admin = commands.add_parser(
+        "admin",
+        help="show or change the control table (administrators)",
+        description="Show the control table the replicas agree on, or change it: each change is "
+        "signed with the administrator's key (a client in [cluster] admins) and applied by every "
+        "replica at the same position of the replicated log.",
+    )
+    actions = admin.add_subparsers(dest="admin_action", metavar="ACTION", required=True)
+
+    def action(name, help):
+        p = actions.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+        common(p)
+        p.set_defaults(run=_admin)
+        return p
+
+    def role(p):
+        group = p.add_mutually_exclusive_group(required=True)
+        group.add_argument("--publish", dest="role", action="store_const", const="publish")
+        group.add_argument("--subscribe", dest="role", action="store_const", const="subscribe")
+
+    table = action("table", "print the control table and its version")
+    table.add_argument("--json", action="store_true", help="print the table as JSON")
+
+    create = action("create-channel", "create a channel")
+    create.add_argument("tag", metavar="TAG")
+    create.add_argument("--class", dest="qos_class", required=True, metavar="CLASS",
+                        help="a class of the cluster file")
+    create.add_argument("--qop", default=None, help="QoP mode (default: cft)")
+    create.add_argument("--scheme", default=None, help="protection scheme (default: si)")
+    create.add_argument("--voter", default=None, help="voter (default: the QoP mode's)")
+    create.add_argument("--topic", default=None, help="a description (default: the tag)")
+    create.add_argument("--publishers", default="", metavar="A,B", help="clients that may publish")
+    create.add_argument("--subscribers", default="", metavar="C,D",
+                        help="clients that may subscribe")
+
+    remove = action("remove-channel", "remove a channel")
+    remove.add_argument("tag", metavar="TAG")
+
+    set_class = action("set-class", "change a channel's class")
+    set_class.add_argument("tag", metavar="TAG")
+    set_class.add_argument("qos_class", metavar="CLASS")
+
+    grant = action("grant", "let a client publish to or subscribe to a channel")
+    grant.add_argument("tag", metavar="TAG")
+    grant.add_argument("target", metavar="CLIENT")
+    role(grant)
+
+    revoke = action("revoke", "stop a client publishing to or subscribing to a channel")
+    revoke.add_argument("tag", metavar="TAG")
+    revoke.add_argument("target", metavar="CLIENT")
+    role(revoke)
 
 
 def _load(args):
@@ -641,6 +700,139 @@ async def _init(reactor, args):
     print(f"  fitbroker publish --config {path} events hello")
     print(f"syslog from legacy probes (port {args.syslog_port}) into channel syslog:")
     print(f"  twistd -n fitbroker-syslog --config {path}")
+
+
+def _name_list(text):
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def admin_change(args):
+    """
+    Return the control-table change C{fitbroker admin ACTION} asks for, as
+    the dict L{fit_broker.client.admin.sign_change} signs, or C{None} for
+    C{table}.
+    """
+    action = args.admin_action
+    if action == "table":
+        return None
+    change = {"op": action, "tag": args.tag}
+    if action == "create-channel":
+        change["class"] = args.qos_class
+        for option in ("qop", "scheme", "voter", "topic"):
+            if getattr(args, option) is not None:
+                change[option] = getattr(args, option)
+        change["publishers"] = _name_list(args.publishers)
+        change["subscribers"] = _name_list(args.subscribers)
+    elif action == "set-class":
+        change["class"] = args.qos_class
+    elif action in ("grant", "revoke"):
+        change["client"] = args.target
+        change["role"] = args.role
+    return change
+
+
+def change_summary(change):
+    """
+    Return what C{change} does, in a few words.
+    """
+    op, tag = change["op"], change["tag"]
+    if op == "create-channel":
+        return f"created channel {tag}"
+    if op == "remove-channel":
+        return f"removed channel {tag}"
+    if op == "set-class":
+        return f"channel {tag} is now of class {change['class']}"
+    verb = "publish to" if change["role"] == "publish" else "subscribe to"
+    if op == "grant":
+        return f"{change['client']} may {verb} {tag}"
+    return f"{change['client']} may no longer {verb} {tag}"
+
+
+def _one_line(text, limit=300):
+    """
+    Return replica-chosen C{text} as one printable line of at most C{limit}
+    characters.
+    """
+    text = "".join(c if c.isprintable() else " " for c in str(text))
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def table_text(info):
+    """
+    Return the text of C{fitbroker admin table} for the C{table} reply info
+    C{{"version": v, "table": describe()}}.
+    """
+    table = info.get("table") if isinstance(info.get("table"), dict) else {}
+    admins = ", ".join(map(str, table.get("admins") or ())) or "none"
+    lines = [
+        f"control table of cluster {table.get('cluster', '?')}, version {info.get('version', '?')} "
+        f"(administrators: {admins})"
+    ]
+    rows = [("CHANNEL", "CLASS", "QOP", "SCHEME", "VOTER", "PUBLISHERS", "SUBSCRIBERS")]
+    channels = table.get("channels") if isinstance(table.get("channels"), dict) else {}
+    for tag, spec in sorted(channels.items()):
+        if not isinstance(spec, dict):
+            continue
+        rows.append(
+            (
+                str(tag),
+                *(str(spec.get(k, "?")) for k in ("class", "qop", "scheme", "voter")),
+                ",".join(map(str, spec.get("publishers") or ())) or "-",
+                ",".join(map(str, spec.get("subscribers") or ())) or "-",
+            )
+        )
+    lines += _columns([tuple(_one_line(cell, 200) for cell in row) for row in rows])
+    return "\n".join(lines)
+
+
+async def _admin_session(reactor, config, client, signing):
+    """
+    Connect as C{client}; return C{(proxy, keys, stop)}.  With C{signing},
+    the client's key ring is read even when no channel's scheme needs it:
+    table changes are signed with it.
+    """
+    from fit_broker.credentials import client_credentials
+    from fit_broker.keys import load_keyring
+
+    keys, endpoints = client_credentials(config, client, reactor)
+    if signing and keys is None:
+        if config.keys_dir is None:
+            raise CommandError(
+                f"{config.path}: [cluster] keys_dir: expected the keys folder, since table changes "
+                "are signed with the administrator's key"
+            )
+        keys = load_keyring(config.keys_dir, client)
+    session = await _connect(reactor, config, client, keys=keys, endpoints=endpoints)
+    return session.proxy, keys, session.stop
+
+
+async def _admin(reactor, args):
+    from fit_broker.client.admin import Administrator
+    from fit_broker.errors import RequestFailed
+
+    config, client = _load(args)
+    change = admin_change(args)
+    if change is not None and not config.is_admin(client):
+        raise CommandError(
+            f"{config.path}: client {client!r} is not an administrator ([cluster] admins: "
+            f"{', '.join(sorted(config.admins)) or 'none'}); say which with --as CLIENT"
+        )
+    proxy, keys, stop = await _admin_session(reactor, config, client, change is not None)
+    try:
+        administrator = Administrator(proxy, keys)
+        if change is None:
+            info = await administrator.table()
+        else:
+            info = await administrator.change(change)
+    except RequestFailed as e:
+        what = "the table" if change is None else "the change"
+        raise CommandError(f"the replicas refused {what}: {_one_line(e.text)}") from None
+    finally:
+        stop()
+    if change is None:
+        print(json.dumps(info, indent=2, sort_keys=True) if args.json else table_text(info))
+    else:
+        print(f"{change_summary(change)}: control table version {info.get('version')}")
 
 
 async def _sink(reactor, args):

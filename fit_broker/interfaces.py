@@ -267,3 +267,39 @@ class IKeyRing(Interface):
         """
         Return the symmetric key of C{channel}, or C{None}.
         """
+
+
+class IControlTable(Interface):
+    """
+    The control table as replicated state: channels and who may use them,
+    changed only by administrators' signed changes applied in log order.
+    Deterministic: no clock, no I/O, so equal changes give equal tables.
+    """
+
+    version = Attribute("Changes applied since the genesis table (version 0).")
+    admins = Attribute("The clients whose signed changes are accepted.")
+    channels = Attribute("A read-only mapping of tag -> ChannelSpec.")
+
+    def apply(admin, change_bytes, signature, verify_key_of):
+        """
+        Apply one signed change; return C{(ok, text)}.  A refused change
+        changes nothing but a refusal counter.
+        """
+
+    def snapshot():
+        """
+        Return the table as deterministic bytes (restored by the
+        implementation's C{restore(data, classes)}).
+        """
+
+    def diff(old):
+        """
+        Return what changed from the channels mapping C{old} to now:
+        created, removed and updated channel specs.
+        """
+
+    def describe():
+        """
+        Return the table as plain data, equal on every correct replica at
+        one version.
+        """

@@ -72,8 +72,12 @@ CREDIT = "credit"
 ACK = "ack"
 FETCH = "fetch"
 STATUS = "status"
+# A signed control-table change (options "change", "signature"), and the table.
+ADMIN = "admin"
+TABLE = "table"
 METHODS = frozenset(
-    {HELLO, REGISTER, UNREGISTER, SUBSCRIBE, UNSUBSCRIBE, PUBLISH, RECEIVE, CREDIT, ACK, FETCH, STATUS}
+    {HELLO, REGISTER, UNREGISTER, SUBSCRIBE, UNSUBSCRIBE, PUBLISH, RECEIVE, CREDIT, ACK, FETCH, STATUS,
+     ADMIN, TABLE}
 )
 
 
