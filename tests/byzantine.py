@@ -201,10 +201,10 @@ def requests_to_clients(protocol, message):
 class AcksWithoutStoring(Replica):
     """A replica that acknowledges every publish and stores nothing."""
 
-    def handle(self, client, request):
+    def handle(self, client, request, protocol=None):
         if request.method == "publish":
             return Reply(request.seq, "ok", channel=request.channel, info={"appended": 1})
-        return super().handle(client, request)
+        return super().handle(client, request, protocol)
 
 
 def _digests_only(delivery):

@@ -18,7 +18,7 @@ from fit_broker.broker.ordered import (
 )
 from fit_broker.schemes.registry import scheme_lookup
 from fit_broker.units import Request, batch_digest, pack_contents
-from tests.simnet import cluster_config
+from fit_broker.config import parse_config
 
 NOW = 1_800_000_000.0
 
@@ -30,15 +30,23 @@ class Decided:
     values: tuple
 
 
-def config(**qos):
-    qos.setdefault("ordering", "channel")
-    return cluster_config(("events", "plain"), keys_dir="keys", **qos)
-
-
 def machine(index=0, **qos):
-    c = config(**qos)
-    # the "plain" channel stays unordered
-    c.channels["plain"] = attrs.evolve(c.channels["plain"], qos=attrs.evolve(c.channels["plain"].qos, ordering="none"))
+    """A replica's state machine for channel 'events' (ordered) and 'plain' (not)."""
+    clients = ("probe", "console")
+    data = {
+        "cluster": {"name": "sim", "faults": 1, "keys_dir": "keys"},
+        "replicas": [{"listen": f"tcp:{7600 + i}", "connect": f"tcp:127.0.0.1:{7600 + i}"} for i in range(4)],
+        "clients": {name: {} for name in clients},
+        "classes": {
+            "ordered": dict({"capacity": 1000, "ttl": 60, "ordering": "channel"}, **qos),
+            "plain": {"capacity": 1000, "ttl": 60},
+        },
+        "channels": [
+            {"tag": tag, "class": cls, "publishers": list(clients), "subscribers": list(clients)}
+            for tag, cls in (("events", "ordered"), ("plain", "plain"))
+        ],
+    }
+    c = parse_config("<sim>", data)
     return BrokerStateMachine(c, scheme_lookup(c), replica_index=index)
 
 
@@ -234,3 +242,84 @@ def test_snapshot_round_trip_and_garbage():
     assert ReplicatedState.restore(s.snapshot()).snapshot() == s.snapshot()
     with pytest.raises(ValueError):
         ReplicatedState.restore(b"\x93garbage")
+
+
+def _admin_machines(count=2):
+    from fit_broker.keys import generate_keyrings
+
+    clients = ("ops", "probe", "console")
+    data = {
+        "cluster": {"name": "sim", "faults": 1, "keys_dir": "keys", "admins": ["ops"]},
+        "replicas": [{"listen": f"tcp:{7600 + i}", "connect": f"tcp:127.0.0.1:{7600 + i}"} for i in range(4)],
+        "clients": {name: {} for name in clients},
+        "classes": {"ordered": {"ordering": "channel"}},
+        "channels": [{"tag": "events", "class": "ordered", "publishers": ["probe"], "subscribers": ["console"]}],
+    }
+    c = parse_config("<sim>", data)
+    rings = generate_keyrings(4, list(clients), {"events": ["probe", "console"]})
+    machines = []
+    for i in range(count):
+        m = BrokerStateMachine(c, scheme_lookup(c), keys=rings[f"replica-{i}"], replica_index=i)
+        m.table_problem = None
+        machines.append(m)
+    return machines, rings
+
+
+def _admin_request(rings, change, seq=7, admin="ops"):
+    from fit_broker.client.admin import sign_change
+
+    data, signature = sign_change(rings[admin], "sim", admin, change)
+    return Request(seq, "admin", options={"change": data, "signature": signature})
+
+
+def test_a_signed_table_change_is_ordered_and_applied_alike_everywhere():
+    """An administrator's signed change goes through the log; every replica applies it at the same position, and the new channel works."""
+    (a, b), rings = _admin_machines()
+    log = Log(a, b)
+    change = {"op": "create-channel", "tag": "audit", "class": "ordered",
+              "publishers": ["probe"], "subscribers": ["console"]}
+    assert a.handle("ops", _admin_request(rings, change), NOW, "adm") is None
+    log.decide(a.take_proposals())
+    (token, reply), = a.take_answers()
+    assert reply.ok and reply.info["version"] == 1
+    assert a.table.version == b.table.version == 1
+    assert "audit" in a.channels and "audit" in b.channels and a.channels["audit"].ordered
+    assert a.state_snapshot() == b.state_snapshot()
+    table = a.handle("console", Request(8, "table"), NOW)
+    assert table.info["version"] == 1 and "audit" in table.info["table"]["channels"]
+    assert a.handle("probe", Request(9, "publish", "audit", 0, (event(1),)), NOW, "p") is None
+
+
+def test_a_table_change_not_signed_by_an_administrator_is_refused_at_once_and_when_decided():
+    """A client that is not an administrator, or a replica replaying a change, cannot change the table."""
+    (a, b), rings = _admin_machines()
+    change = {"op": "grant", "tag": "events", "client": "probe", "role": "subscribe"}
+    reply = a.handle("probe", _admin_request(rings, change, admin="probe"), NOW, "x")
+    assert reply.status == "refused" and "not-admin" in reply.text
+    # a Byzantine leader slips the forged change into the log: every correct replica refuses it alike
+    from fit_broker.client.admin import sign_change
+    from fit_broker.control import table_value
+
+    data, signature = sign_change(rings["probe"], "sim", "probe", change)
+    Log(a, b).decide([table_value("ops", data, signature)])
+    assert a.table.version == b.table.version == 0
+    assert a.state_snapshot() == b.state_snapshot()
+
+
+def test_a_replica_restored_by_state_transfer_gets_the_changed_table():
+    """State transfer carries the control table: the restored replica has the run-time channel."""
+    (a, b), rings = _admin_machines()
+    a.handle("ops", _admin_request(rings, {"op": "create-channel", "tag": "audit", "class": "ordered",
+                                           "publishers": ["probe"], "subscribers": ["console"]}), NOW, "adm")
+    Log(a).decide(a.take_proposals())
+    b.restore_state(a.state_snapshot())
+    assert b.table.version == 1 and "audit" in b.channels
+    assert b.state_snapshot() == a.state_snapshot()
+
+
+def test_table_changes_are_refused_with_one_line_when_no_log_runs():
+    """Without an ordering protocol, an admin request is refused with the reason."""
+    (a,), rings = _admin_machines(1)
+    a.table_problem = "the replicas run no ordering protocol"
+    reply = a.handle("ops", _admin_request(rings, {"op": "remove-channel", "tag": "events"}), NOW, "x")
+    assert reply.status == "refused" and "no ordering protocol" in reply.text and "\n" not in reply.text

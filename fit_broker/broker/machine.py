@@ -18,6 +18,7 @@ from fit_broker.broker.ordered import (
     ref_key,
 )
 from fit_broker.broker.ordered_channel import OrderedChannel
+from fit_broker.control import ControlTable, table_value
 from fit_broker.errors import Status
 from fit_broker.units import Reply, batch_bytes, batch_digest
 
@@ -29,6 +30,10 @@ MAX_FETCH_BYTES = 4 * 1024 * 1024
 # Seconds a request waits for the log before it is answered that it was not
 # ordered (the client may retry; what is decided later is still applied).
 ORDER_TIMEOUT = 60.0
+# Requests waiting for the log at once, at most.
+MAX_WAITING = 100_000
+# The status of a control-table change the table refused.
+REFUSED = "refused"
 # Decided values whose log position is remembered, to answer a retry.
 POSITIONS_MEMORY = 65_536
 # Decided batches this replica lacks and asks its peers for, at most.
@@ -44,13 +49,14 @@ class _Waiting:
     A request waiting for the log: the values it needs decided.
     """
 
-    __slots__ = ("request", "tag", "remaining", "positions", "since", "info")
+    __slots__ = ("request", "tag", "remaining", "positions", "since", "info", "decided_values")
 
     def __init__(self, request, tag, since, info):
         self.request = request
         self.tag = tag
         self.remaining = set()
         self.positions = []
+        self.decided_values = []
         self.since = since
         self.info = info
 
@@ -76,6 +82,14 @@ class BrokerStateMachine:
         self.replica_index = replica_index
         self.channels = {tag: self._channel(spec) for tag, spec in config.channels.items()}
         self.state = ReplicatedState(tag for tag, c in self.channels.items() if c.ordered)
+        self.table = ControlTable.genesis(config)
+        self.state.table = self.table.snapshot()
+        # why run-time table changes are refused here, or None when the log runs
+        self.table_problem = "this replica runs no ordering protocol"
+        self._table_results = {}
+        self._global_tags = [
+            tag for tag, c in self.channels.items() if c.spec.qos.ordering == "global"
+        ]
         self.on_ready = lambda tag: None
         self.counters = {"requests": 0}
         # values for the log, taken by the replica (L{take_proposals})
@@ -127,6 +141,13 @@ class BrokerStateMachine:
         if method == units.ACK:
             self.acknowledged(client, request.options)
             return Reply(request.seq, Status.OK)
+        if method == units.TABLE:
+            return Reply(
+                request.seq, Status.OK,
+                info={"version": self.table.version, "table": self.table.describe()},
+            )
+        if method == units.ADMIN:
+            return self._admin(client, request, now, token)
         channel = self.channels.get(request.channel)
         if channel is None:
             self._count("unknown-channel")
@@ -228,9 +249,78 @@ class BrokerStateMachine:
             value = (REGISTER, tag, client)
         return self._wait(_Waiting(request, tag, now, {}), [value], token)
 
+    def _verify_key(self, admin):
+        return None if self.keys is None else self.keys.verify_key(admin)
+
+    def _admin(self, client, request, now, token):
+        """
+        A signed control-table change: checked here, then ordered through
+        the log, and applied at the same position by every correct replica,
+        which checks the administrator's signature itself.
+        """
+        if self.table_problem is not None:
+            return Reply(
+                request.seq, REFUSED,
+                f"run-time table changes are off: {self.table_problem}",
+            )
+        change = request.options.get("change")
+        signature = request.options.get("signature")
+        if type(change) is not bytes or type(signature) is not bytes:
+            return Reply(request.seq, Status.BAD_REQUEST, "an admin request carries change and signature bytes")
+        problem = self.table.check(client, change, signature, self._verify_key)
+        if problem is not None:
+            self._count("refused-table-change")
+            return Reply(request.seq, REFUSED, problem)
+        return self._wait(_Waiting(request, "", now, {}), [table_value(client, change, signature)], token)
+
+    def _apply_table(self, value):
+        before = self.table.channels
+        ok, text = self.table.apply_value(value, self._verify_key)
+        self._table_results[value] = (ok, text)
+        if not ok:
+            return
+        self.state.table = self.table.snapshot()
+        self._follow_table(before)
+
+    def _follow_table(self, before):
+        """
+        Make this replica's channels what the control table says: new
+        channels start empty, removed ones are dropped, a changed row takes
+        effect at once (a changed class rebuilds the channel's queues).
+        """
+        diff = self.table.diff(before)
+        for spec in diff.created:
+            self._install(spec)
+        for spec in diff.removed:
+            self.channels.pop(spec.tag, None)
+            self._count("channel-removed")
+        for old, new in diff.updated:
+            channel = self.channels.get(new.tag)
+            if channel is None or old.qos != new.qos or old.qop != new.qop or old.scheme != new.scheme:
+                self._install(new)
+            else:
+                channel.spec = new
+        self._global_tags = [
+            tag for tag, c in self.channels.items() if c.spec.qos.ordering == "global"
+        ]
+
+    def _install(self, spec):
+        channel = self.channels[spec.tag] = self._channel(spec)
+        if channel.ordered:
+            self.state.add_channel(spec.tag)
+            for client in self.state.subscribers[spec.tag]:
+                channel.queues[client] = channel.new_queue()
+
     def _wait(self, waiting, values, token):
         if not values:
             return self._answer(waiting)
+        if len(self._tokens) >= MAX_WAITING:
+            self._count("refused-waiting-limit")
+            return Reply(
+                waiting.request.seq, Status.BUSY,
+                f"{MAX_WAITING} requests already wait for the log here; retry later",
+                channel=waiting.tag,
+            )
         if token is None:
             token = object()
         waiting.remaining.update(values)
@@ -242,6 +332,12 @@ class BrokerStateMachine:
 
     def _answer(self, waiting):
         request = waiting.request
+        if request.method == units.ADMIN:
+            value = next(iter(waiting.decided_values), None)
+            ok, text = self._table_results.pop(value, (False, "not applied"))
+            if not ok:
+                return Reply(request.seq, REFUSED, text)
+            return Reply(request.seq, Status.OK, text, info={"version": self.table.version, "position": max(waiting.positions)})
         info = {}
         if waiting.positions:
             info["position"] = max(waiting.positions)
@@ -287,8 +383,12 @@ class BrokerStateMachine:
                 elif kind in (SUBSCRIBE, UNSUBSCRIBE, REGISTER):
                     self._apply_membership(value)
                 elif kind == TABLE:
-                    self._count("table-change-unsupported")
+                    self._apply_table(value)
                 self._decided(value, position)
+        # subscribers of several global channels merge them by position: every
+        # global stream gets the new watermark
+        for tag in self._global_tags:
+            self.on_ready(tag)
 
     def _apply_batch(self, ref, position, timestamp):
         tag = ref[1]
@@ -340,6 +440,7 @@ class BrokerStateMachine:
             positions.popitem(last=False)
         tokens = self._waiting.pop(value, None)
         if not tokens:
+            self._table_results.pop(value, None)
             return
         for token in tokens:
             waiting = self._tokens.get(token)
@@ -347,6 +448,7 @@ class BrokerStateMachine:
                 continue
             waiting.remaining.discard(value)
             waiting.positions.append(position)
+            waiting.decided_values.append(value)
             if not waiting.remaining:
                 del self._tokens[token]
                 self._answers.append((token, self._answer(waiting)))
@@ -444,7 +546,12 @@ class BrokerStateMachine:
         queues follow the subscriptions it names (new ones start empty, as
         this replica missed what was decided before).
         """
-        self.state = ReplicatedState.restore(data)
+        state = ReplicatedState.restore(data)
+        table = ControlTable.restore(state.table, self.config.classes) if state.table else self.table
+        before = self.table.channels
+        self.state = state
+        self.table = table
+        self._follow_table(before)
         for tag, channel in self.channels.items():
             if not channel.ordered:
                 continue
@@ -526,8 +633,10 @@ class BrokerStateMachine:
             return {
                 "requests": dict(self.counters),
                 "channels": {tag: channel.snapshot() for tag, channel in self.channels.items()},
+                "table": {"version": self.table.version},
             }
         return {
+            "table": {"version": self.table.version},
             "channels": {
                 tag: channel.snapshot(client)
                 for tag, channel in self.channels.items()

@@ -133,6 +133,8 @@ class ReplicatedState:
         self.subscribers = {tag: set() for tag in ordered_tags}
         self.registered = {tag: set() for tag in ordered_tags}
         self._dedup = {tag: {} for tag in ordered_tags}
+        # the control table's snapshot (L{fit_broker.control.ControlTable}),
+        # kept here by the state machine whenever it changes
         self.table = b""
 
     def add_channel(self, tag):

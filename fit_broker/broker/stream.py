@@ -25,6 +25,8 @@ class Stream:
 
     __slots__ = ("tag", "queue", "events", "bytes", "max_events", "max_bytes")
 
+    ordered = False
+
     def __init__(self, tag, queue, events, nbytes):
         self.tag = tag
         self.queue = queue
