@@ -47,6 +47,30 @@ def replica_credentials(config, index):
     return keys, options, lambda transport: peer_identity(transport, config.name)
 
 
+def replica_peer_tls(config, index):
+    """
+    Return, with TLS on, a callable from a replica's index to the client TLS
+    options replica C{index} connects to it with: its own replica
+    certificate, and that replica's name (C{replica-N.<cluster>}) checked in
+    the one it shows; C{None} with TLS off.
+    """
+    if not config.tls:
+        return None
+    folder = _keys_dir(config, "since TLS is on")
+    material = load_tls_material(folder, replica_identity(index))
+    made = {}
+
+    def options(peer):
+        if peer not in made:
+            made[peer] = client_tls_options(
+                material.ca_pem, material.cert_pem, material.key_pem,
+                replica_hostname(config.name, peer),
+            )
+        return made[peer]
+
+    return options
+
+
 def client_credentials(config, client, reactor):
     """
     Return C{(keys, endpoints)} for C{client}: its key ring (or C{None}) and,

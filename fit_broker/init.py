@@ -8,6 +8,7 @@ import re
 
 from fit_broker import pki
 from fit_broker.errors import ConfigError
+from fit_broker.keys import complete_replica_keys
 
 CLUSTER_FILE = "cluster.toml"
 
@@ -275,6 +276,10 @@ def init_cluster(
             {tag: sorted(set(pubs) | set(subs)) for tag, _, _, _, _, pubs, subs in channels},
             overwrite=force,
         )
+    else:
+        # a folder from before replicas linked up gains their keys, keeping all others
+        manifest = pki.load_manifest(directory)
+        complete_replica_keys(directory, manifest.get("replicas", replicas), manifest["cluster"])
     path = os.path.join(directory, CLUSTER_FILE)
     ports = list(range(first_port, first_port + replicas))
     metrics_ports = None

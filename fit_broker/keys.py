@@ -7,8 +7,11 @@ L{fit_broker.pki.write_cluster_material} for the whole layout.  A party's
 directory holds:
 
     party.json          identity, cluster name, replica index (public)
-    mac-keys.json       MAC keys shared between a publisher and a replica (0600)
-    verify-keys.json    Ed25519 public keys of every publisher (public)
+    mac-keys.json       MAC keys shared between a publisher and a replica;
+                        for a replica also the key of each replica-to-replica
+                        link and its own Ed25519 signing key (0600)
+    verify-keys.json    Ed25519 public keys of every publisher, and for a
+                        replica those of every replica (public)
     signing.key         the client's Ed25519 private key, PKCS#8 PEM (0600)
     channel-keys.json   symmetric keys of the client's channels (0600)
 
@@ -125,6 +128,11 @@ class KeyRing:
     @ivar signing_keys: publisher -> Ed25519 private key it may sign as.
     @ivar verify_keys: publisher -> Ed25519 public key.
     @ivar channel_keys: channel -> symmetric key.
+    @ivar peer_mac_keys: replica index -> the MAC key this replica shares
+        with that replica for their links (replicas only).
+    @ivar replica_signing_key: this replica's Ed25519 private key, or
+        C{None} (clients, and key folders written before replicas signed).
+    @ivar replica_verify_keys: replica index -> its Ed25519 public key.
     """
 
     identity: str
@@ -133,9 +141,27 @@ class KeyRing:
     signing_keys: dict = attrs.field(factory=dict, repr=_secret_repr)
     verify_keys: dict = attrs.field(factory=dict, repr=_secret_repr)
     channel_keys: dict = attrs.field(factory=dict, repr=_secret_repr)
+    peer_mac_keys: dict = attrs.field(factory=dict, repr=_secret_repr)
+    replica_signing_key: Ed25519PrivateKey | None = attrs.field(
+        default=None, repr=lambda key: "None" if key is None else "<key>"
+    )
+    replica_verify_keys: dict = attrs.field(factory=dict, repr=_secret_repr)
 
     def mac_key(self, publisher, replica):
         return self.mac_keys.get((publisher, replica))
+
+    def peer_mac_key(self, replica):
+        """
+        Return the key this replica shares with replica C{replica} for the
+        frames on their links, or C{None}.
+        """
+        return self.peer_mac_keys.get(replica)
+
+    def replica_verify_key(self, replica):
+        """
+        Return replica C{replica}'s Ed25519 public key, or C{None}.
+        """
+        return self.replica_verify_keys.get(replica)
 
     def signing_key(self, publisher):
         return self.signing_keys.get(publisher)
@@ -154,7 +180,9 @@ def generate_keyrings(replicas, clients, channels):
 
     Every client may publish, so every client has a signing key and MAC keys
     with every replica.  A client gets the keys of the channels that list it;
-    replicas never get channel keys, so they route PKE content blind.
+    replicas never get channel keys, so they route PKE content blind.  Each
+    replica gets a signing key, every replica's verify key, and one MAC key
+    per pair of replicas, for the links between them.
 
     @param channels: channel -> names of the clients allowed on it, where
         C{"*"} stands for every client, as in the control table.
@@ -181,6 +209,13 @@ def generate_keyrings(replicas, clients, channels):
         (name, r): secrets.token_bytes(MAC_KEY_SIZE) for name in clients for r in range(replicas)
     }
     channel_keys = {channel: secrets.token_bytes(CHANNEL_KEY_SIZE) for channel in channels}
+    replica_signing = {r: Ed25519PrivateKey.generate() for r in range(replicas)}
+    replica_verify = {r: key.public_key() for r, key in replica_signing.items()}
+    links = {
+        (a, b): secrets.token_bytes(MAC_KEY_SIZE)
+        for a in range(replicas)
+        for b in range(a + 1, replicas)
+    }
 
     rings = {}
     for r in range(replicas):
@@ -190,6 +225,9 @@ def generate_keyrings(replicas, clients, channels):
             replica_index=r,
             mac_keys={(name, r): macs[name, r] for name in clients},
             verify_keys=dict(verify),
+            peer_mac_keys={j: links[min(r, j), max(r, j)] for j in range(replicas) if j != r},
+            replica_signing_key=replica_signing[r],
+            replica_verify_keys=dict(replica_verify),
         )
     for name in clients:
         rings[name] = KeyRing(
@@ -264,13 +302,25 @@ def write_keyring(directory, keyring, cluster_name):
         {"publisher": publisher, "replica": replica, "key": _b64(key)}
         for (publisher, replica), key in sorted(keyring.mac_keys.items())
     ]
-    write_private_file(os.path.join(directory, MAC_KEYS_FILE), _json_bytes({"mac_keys": macs}))
+    secret = {"mac_keys": macs}
+    if keyring.peer_mac_keys:
+        secret["peer_mac_keys"] = [
+            {"replica": replica, "key": _b64(key)}
+            for replica, key in sorted(keyring.peer_mac_keys.items())
+        ]
+    if keyring.replica_signing_key is not None:
+        secret["replica_signing_key"] = _b64(keyring.replica_signing_key.private_bytes_raw())
+    write_private_file(os.path.join(directory, MAC_KEYS_FILE), _json_bytes(secret))
     verify = {
         name: _b64(key.public_bytes_raw()) for name, key in sorted(keyring.verify_keys.items())
     }
-    write_public_file(
-        os.path.join(directory, VERIFY_KEYS_FILE), _json_bytes({"verify_keys": verify})
-    )
+    public = {"verify_keys": verify}
+    if keyring.replica_verify_keys:
+        public["replica_verify_keys"] = [
+            {"replica": replica, "key": _b64(key.public_bytes_raw())}
+            for replica, key in sorted(keyring.replica_verify_keys.items())
+        ]
+    write_public_file(os.path.join(directory, VERIFY_KEYS_FILE), _json_bytes(public))
     if keyring.signing_keys:
         if list(keyring.signing_keys) != [keyring.identity]:
             raise ConfigError(
@@ -321,13 +371,19 @@ def load_keyring(directory, identity, check_modes=True):
     def secret(name, what):
         return _read_json(party_dir, name, what, secret=True, check_modes=check_modes)
 
-    mac_keys = _parse_mac_keys(
-        os.path.join(party_dir, MAC_KEYS_FILE), secret(MAC_KEYS_FILE, "the MAC keys")
+    mac_path = os.path.join(party_dir, MAC_KEYS_FILE)
+    mac_json = secret(MAC_KEYS_FILE, "the MAC keys")
+    mac_keys = _parse_mac_keys(mac_path, mac_json)
+    verify_path = os.path.join(party_dir, VERIFY_KEYS_FILE)
+    verify_json = _read_json(
+        party_dir, VERIFY_KEYS_FILE, "the publishers' verify keys", secret=False
     )
-    verify_keys = _parse_verify_keys(
-        os.path.join(party_dir, VERIFY_KEYS_FILE),
-        _read_json(party_dir, VERIFY_KEYS_FILE, "the publishers' verify keys", secret=False),
-    )
+    verify_keys = _parse_verify_keys(verify_path, verify_json)
+    replica_keys = {}
+    if replica_index is not None:
+        replica_keys = _parse_replica_keys(
+            replica_index, mac_path, mac_json, verify_path, verify_json
+        )
     signing_keys = {}
     channel_keys = {}
     if replica_index is None:
@@ -345,6 +401,7 @@ def load_keyring(directory, identity, check_modes=True):
         signing_keys=signing_keys,
         verify_keys=verify_keys,
         channel_keys=channel_keys,
+        **replica_keys,
     )
 
 
@@ -428,6 +485,115 @@ def _parse_verify_keys(path, value):
         except ValueError as e:
             raise ConfigError(f"{path}: verify_keys.{name}: not an Ed25519 public key: {e}") from None
     return keys
+
+
+def _parse_replica_entries(path, entries, field, size):
+    """
+    Return C{replica index -> key bytes} of the optional list C{field} of
+    C{{"replica": N, "key": base64}} objects (absent in older key folders).
+    """
+    if entries is None:
+        return {}
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: expected a '{field}' list")
+    keys = {}
+    for n, entry in enumerate(entries):
+        where = f"{field}[{n}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: {where}: expected an object")
+        replica = entry.get("replica")
+        if type(replica) is not int or replica < 0:
+            raise ConfigError(f"{path}: {where}.replica: expected a replica index")
+        keys[replica] = _decode_key(path, f"{where}.key", entry.get("key"), size)
+    return keys
+
+
+def _parse_replica_keys(index, mac_path, mac_json, verify_path, verify_json):
+    """
+    Return the L{KeyRing} fields of replica C{index}'s own keys: its links'
+    MAC keys, its signing key and every replica's verify key; each stays
+    empty when an older key folder lacks it.
+    """
+    peer_mac_keys = _parse_replica_entries(
+        mac_path, mac_json.get("peer_mac_keys"), "peer_mac_keys", MAC_KEY_SIZE
+    )
+    peer_mac_keys.pop(index, None)
+    signing_key = None
+    raw = mac_json.get("replica_signing_key")
+    if raw is not None:
+        signing_key = Ed25519PrivateKey.from_private_bytes(
+            _decode_key(mac_path, "replica_signing_key", raw, 32)
+        )
+    verify_keys = {}
+    raw_verify = _parse_replica_entries(
+        verify_path, verify_json.get("replica_verify_keys"), "replica_verify_keys", 32
+    )
+    for replica, key in raw_verify.items():
+        try:
+            verify_keys[replica] = Ed25519PublicKey.from_public_bytes(key)
+        except ValueError as e:
+            raise ConfigError(
+                f"{verify_path}: replica_verify_keys: replica {replica}: "
+                f"not an Ed25519 public key: {e}"
+            ) from None
+    own = verify_keys.get(index)
+    if (
+        signing_key is not None
+        and own is not None
+        and own.public_bytes_raw() != signing_key.public_key().public_bytes_raw()
+    ):
+        raise ConfigError(
+            f"{verify_path}: replica_verify_keys: the key of replica {index} does not match "
+            f"the replica_signing_key in {mac_path}"
+        )
+    return {
+        "peer_mac_keys": peer_mac_keys,
+        "replica_signing_key": signing_key,
+        "replica_verify_keys": verify_keys,
+    }
+
+
+def complete_replica_keys(directory, replicas, cluster_name):
+    """
+    Add to the replicas' key files in the cluster directory C{directory}
+    what key folders written before replicas talked to each other lack (a
+    signing key each, every replica's verify key, a MAC key per pair of
+    replicas), keeping every key already there.  Return the indexes of the
+    replicas whose files were rewritten.
+
+    @raise ConfigError: when two replicas hold different keys for their link.
+    """
+    rings = [load_keyring(directory, replica_identity(r)) for r in range(replicas)]
+    changed = set()
+    for r, ring in enumerate(rings):
+        if ring.replica_signing_key is None:
+            ring.replica_signing_key = Ed25519PrivateKey.generate()
+            changed.add(r)
+    for a in range(replicas):
+        for b in range(a + 1, replicas):
+            key_a, key_b = rings[a].peer_mac_key(b), rings[b].peer_mac_key(a)
+            if key_a is not None and key_b is not None and key_a != key_b:
+                raise ConfigError(
+                    f"{directory}: replica-{a} and replica-{b} hold different keys for their "
+                    "link; expected the same key in both mac-keys.json files"
+                )
+            key = key_a or key_b or secrets.token_bytes(MAC_KEY_SIZE)
+            for r, other, held in ((a, b, key_a), (b, a, key_b)):
+                if held is None:
+                    rings[r].peer_mac_keys[other] = key
+                    changed.add(r)
+    verify = {r: ring.replica_signing_key.public_key() for r, ring in enumerate(rings)}
+    raw = {r: key.public_bytes_raw() for r, key in verify.items()}
+    for r, ring in enumerate(rings):
+        held = {j: key.public_bytes_raw() for j, key in ring.replica_verify_keys.items()}
+        if any(held.get(j) != key for j, key in raw.items()):
+            ring.replica_verify_keys = {**ring.replica_verify_keys, **verify}
+            changed.add(r)
+    for r in sorted(changed):
+        write_keyring(
+            resolve_party_directory(directory, replica_identity(r)), rings[r], cluster_name
+        )
+    return sorted(changed)
 
 
 def _parse_channel_keys(path, value):

@@ -17,6 +17,11 @@ subdirectory is all that party needs, ready to copy to its host::
             party.json  mac-keys.json (0600)  verify-keys.json
             signing.key (0600)  channel-keys.json (0600)
 
+A replica's mac-keys.json also holds its Ed25519 signing key and the MAC key
+of its link with each other replica; its verify-keys.json, every replica's
+verify key (see L{fit_broker.keys}).  Replica certificates serve both ends of
+the links between replicas: each replica connects to the others with its own.
+
 Identities live in DNS subject alternative names, which TLS hostname checks
 (service_identity) already understand: C{replica-<N>.<cluster>} for a replica,
 which also carries the IP address C{127.0.0.1}, and

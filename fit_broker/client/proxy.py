@@ -5,7 +5,6 @@ L2, client side: the service proxy that talks to every replica at once.
 import os
 from collections import Counter, OrderedDict
 
-from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -16,6 +15,7 @@ from zope.interface import implementer
 from fit_broker import units
 from fit_broker.errors import NoQuorum, ProtocolError, RequestFailed
 from fit_broker.ratelimit import RateLimitedLog, shorten
+from fit_broker.reconnect import reconnecting, retry_policy
 from fit_broker.units import Delivery, Reply, Request
 from fit_broker.wire.codec import decode, encode_request
 from fit_broker.wire.framing import DEFAULT_MAX_FRAME, FrameDecoder
@@ -239,13 +239,13 @@ class ServiceProxy:
         self.counters[reason] = self.counters.get(reason, 0) + n
 
     def start(self):
-        policy = backoffPolicy(initialDelay=0.1, maxDelay=5.0, factor=2.0)
+        policy = retry_policy()
         for index, endpoint in enumerate(self._endpoints):
-            service = ClientService(
+            service = reconnecting(
                 _ReportingEndpoint(endpoint, self, index),
                 _LinkFactory(self, index),
-                retryPolicy=policy,
-                clock=self.reactor,
+                self.reactor,
+                policy,
             )
             service.startService()
             self._services.append(service)

@@ -52,6 +52,7 @@ class ReplicaProtocol(Protocol):
         self._reading_paused = False
         self._hello_timer = None
         self._close_timer = None
+        self._peer_link = None
 
     def connectionMade(self):
         problem = self.replica.connection_opened(self)
@@ -102,6 +103,9 @@ class ReplicaProtocol(Protocol):
         for position, payload in enumerate(payloads):
             if self._reading_paused:
                 self._backlog = payloads[position:]
+                return
+            if self._peer_link is not None:
+                self._peer_frames(payloads[position:])
                 return
             message = decode(payload)
             if type(message) is not Request:
@@ -239,6 +243,9 @@ class ReplicaProtocol(Protocol):
         self.replica.release_stream(tag, self)
 
     def _hello(self, request):
+        if "replica" in request.options:
+            self._peer_hello(request)
+            return
         name = request.options.get("client")
         problem = self.replica.admit(name, self.transport)
         if problem:
@@ -258,6 +265,42 @@ class ReplicaProtocol(Protocol):
         self.transport.write(
             encode_reply(Reply(request.seq, Status.OK, info=self.replica.describe()))
         )
+
+    def _peer_hello(self, request):
+        """
+        Another replica says hello: once its links (L{PeerLinks.accept})
+        check it, this connection carries its frames to them, not requests.
+        """
+        peers = getattr(self.replica, "peers", None)
+        identify = self.replica.identify
+        if peers is None:
+            problem, link = f"replica {self.replica.index} takes no links from replicas", None
+        else:
+            proven = identify(self.transport) if identify is not None else None
+            problem, link = peers.accept(
+                request.options, self.transport, proven, identify is not None
+            )
+        if problem:
+            self.replica.count("refused-replica-hello")
+            self.replica.warnings.warn(
+                "refused-replica-hello", "refusing a link from {peer}: {problem}",
+                peer=str(self.transport.getPeer()), problem=problem,
+            )
+            self.transport.write(encode_reply(Reply(request.seq, Status.UNAUTHORIZED, problem)))
+            self._closed = self._refused = True
+            self.hang_up()
+            return
+        self._peer_link = link
+        self.client = link.name
+        self.transport.write(encode_reply(Reply(request.seq, Status.OK, info=link.hello_info())))
+
+    def _peer_frames(self, payloads):
+        """
+        Hand a peer's frames to its link; reset the connection when it says so.
+        """
+        if self._peer_link.frames(payloads) is not None and not self._closed:
+            self._closed = self._refused = True
+            self.transport.abortConnection()
 
     def schedule_flush(self, tag):
         """
@@ -336,6 +379,8 @@ class ReplicaProtocol(Protocol):
         self._closed = True
 
     def connectionLost(self, reason):
+        if self._peer_link is not None:
+            self._peer_link.lost()
         if self.client is None and not self._refused:
             self.replica.link_failed(str(self.transport.getPeer()), reason.getErrorMessage())
         self._closed = True

@@ -18,6 +18,8 @@ from fit_broker.ratelimit import RateLimitedLog, shorten
 from fit_broker.errors import Status
 from fit_broker.units import Reply
 from fit_broker.replica.protocol import ReplicaFactory
+from fit_broker.replica.peers import PeerLinks
+from fit_broker.credentials import replica_peer_tls
 from fit_broker.wire.framing import DEFAULT_MAX_FRAME
 
 EXPIRY_INTERVAL = 1.0
@@ -296,6 +298,7 @@ def make_replica_service(
     tls_options=None,
     max_connections=None,
     metrics=None,
+    on_peer_message=None,
     **limits,
 ):
     """
@@ -308,6 +311,9 @@ def make_replica_service(
         process's descriptor limit allows (L{connection_limit}).
     @param metrics: a server endpoint string to serve Prometheus metrics
         on instead of the configured one (C{[[replicas]] metrics}).
+    @param on_peer_message: when given, the replica also links with the
+        other replicas (L{PeerLinks}, as C{top.peers}) and this is called
+        with C{(sender index, kind, body)} for each frame they send.
     @param limits: C{hello_timeout}, C{max_pre_hello}, C{max_per_client}
         for L{Replica}.
     """
@@ -332,4 +338,10 @@ def make_replica_service(
     if metrics is not None:
         metrics_service(metrics, reactor, lambda: replica_families(replica)).setServiceParent(top)
     top.replica = replica
+    top.peers = replica.peers = None
+    if on_peer_message is not None:
+        top.peers = replica.peers = PeerLinks(
+            index, config, reactor, keys, replica_peer_tls(config, index), on_peer_message
+        )
+        top.peers.setServiceParent(top)
     return top

@@ -6,6 +6,7 @@ Messages::
     request:  [1, seq, method, channel, count, batches, options]
     reply:    [2, seq, status, text, channel, batches, info]
     delivery: [3, channel, batches]
+    peer:     [5, sender, counter, kind, body, mac]   (between replicas)
 
 and batches are 7-element arrays in L{fit_broker.units.BATCH_FIELDS} order,
 whose payload stays one opaque byte string.
@@ -14,6 +15,8 @@ floats (msgpack executes no code), and every message is checked for shape and
 types before it leaves this module: a peer's bad bytes become a
 L{ProtocolError} with what was wrong, never an exception elsewhere.
 """
+
+from typing import NamedTuple
 
 import msgpack
 
@@ -24,6 +27,7 @@ from fit_broker.wire.framing import frame
 VERSION = 1
 _VERSION_BYTE = bytes([VERSION])
 REQUEST, REPLY, DELIVERY = 1, 2, 3
+PEER = 5
 
 _MAX_STR = 1 << 20
 _pack = msgpack.Packer(use_bin_type=True).pack
@@ -68,6 +72,23 @@ def encode_delivery(channel, batches):
     Encode pushed batches (wire tuples).
     """
     return frame(_VERSION_BYTE + _pack((DELIVERY, channel, batches)))
+
+
+class PeerFrame(NamedTuple):
+    """
+    A frame from replica C{sender} on a link between replicas; C{mac} is
+    checked by L{fit_broker.replica.peers}, not here.
+    """
+
+    sender: int
+    counter: int
+    kind: str
+    body: bytes
+    mac: bytes
+
+
+def encode_peer_frame(sender, counter, kind, body, mac):
+    return frame(_VERSION_BYTE + _pack((PEER, sender, counter, kind, body, mac)))
 
 
 def _check_batches(batches):
@@ -145,6 +166,17 @@ def decode(payload):
             ):
                 raise ProtocolError("reply fields have the wrong types")
             return Reply(seq, status, text, _check_batches(batches), channel, info)
+        if kind == PEER:
+            _, sender, counter, peer_kind, body, mac = message
+            if (
+                type(sender) is not int
+                or type(counter) is not int
+                or type(peer_kind) is not str
+                or type(body) is not bytes
+                or type(mac) is not bytes
+            ):
+                raise ProtocolError("peer frame fields have the wrong types")
+            return PeerFrame(sender, counter, peer_kind, body, mac)
     except ValueError:
         raise ProtocolError(f"message of kind {kind} has the wrong number of fields") from None
     raise ProtocolError(f"unknown message kind {kind}")
