@@ -331,8 +331,8 @@ def _orderer(cluster, channels, replicas, faults, keys_dir):
         factory.check_cluster(replicas, faults)
     except ConfigError as e:
         problem = str(e)
-    if problem is None and keys_dir is None:
-        problem = "replicas agree over links authenticated with keys: set [cluster] keys_dir"
+    if problem is None and keys_dir is None and factory.byzantine:
+        problem = "Byzantine agreement needs the replicas' keys: set [cluster] keys_dir"
     if problem is not None and ordered:
         cluster.fail(
             "orderer",

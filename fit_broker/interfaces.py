@@ -31,7 +31,11 @@ class IQoSClass(Interface):
 
     name = Attribute("The class name used in the control table.")
     urgency_levels = Attribute("Number of urgency levels; 0 is the least urgent.")
-    ordering = Attribute("Name of the ordering protocol ('none' or a plugin's, see L{IOrderingFactory}).")
+    ordering = Attribute(
+        "The ordering scope: 'none' (no order across publishers), 'channel' "
+        "(log order within the channel) or 'global' (log order across every "
+        "global channel).  The protocol is the cluster's (L{IOrderingFactory})."
+    )
     capacity = Attribute("Events each subscriber's output queue holds at most.")
     max_bytes = Attribute("Bytes (payload and proof) each subscriber's output queue holds at most.")
     ttl = Attribute("Default and maximum time to live of an event, in seconds.")
@@ -72,33 +76,76 @@ class IQoPMode(Interface):
 
 class IOrderingProtocol(Interface):
     """
-    Decides in which order a replica appends published batches to a channel.
-
-    A protocol is fed batches and protocol messages and answers with batches
-    that are ready to be appended, in order, and messages to send to peers.
+    One replica's side of the agreement on an ordered log of values
+    (L{fit_broker.agreement.engine.Orderer}): a sans-IO object fed values,
+    peer messages and the time, answering with
+    L{fit_broker.agreement.effects.Effects} (messages to send, decided
+    instances, a state to restore, checkpoints to take).
     """
 
-    name = Attribute("The protocol's name, as a QoS class's C{ordering} chooses it.")
+    name = Attribute("The protocol's name: 'mod-smart' (Byzantine) or 'multi-paxos' (crash).")
 
-    def submit(channel, entries, now):
+    def submit(values, now):
         """
-        Offer C{(count, batch)} entries that a publisher sent.
+        Offer value tuples this replica holds, to be ordered.
 
-        @return: a list of C{(channel, entries)} pairs ready to be appended now.
+        @return: L{Effects}.
+        """
+
+    def receive(sender, message, now):
+        """
+        Handle C{message} (bytes) from replica C{sender}, already
+        authenticated by the link; malformed messages are counted drops.
+
+        @return: L{Effects}.
+        """
+
+    def tick(now):
+        """
+        Let time pass (timers, re-sending); call it every 50 ms or so.
+
+        @return: L{Effects}.
+        """
+
+    def checkpoint(instance, state, now):
+        """
+        Take the application's state snapshot after C{instance}, as an
+        earlier L{Effects} asked.
+
+        @return: L{Effects}.
+        """
+
+    def status():
+        """
+        Return a dict: regency, leader, last decided instance, stable
+        checkpoint and counters.
         """
 
 
 class IOrderingFactory(Interface):
     """
-    Makes the ordering protocol of one channel of one replica: protocols
-    hold state per channel, so the plugin is this factory, not a protocol.
+    Makes the cluster's ordering protocol at one replica: one replicated log
+    per cluster, named by C{[cluster] orderer}.
     """
 
-    name = Attribute("The ordering's name, as a QoS class's C{ordering} chooses it.")
+    name = Attribute("The protocol's name, as C{[cluster] orderer} chooses it.")
+    byzantine = Attribute("True when it tolerates Byzantine replicas, False for crashes only.")
 
-    def __call__():
+    def check_cluster(replicas, faults):
         """
-        Return a new L{IOrderingProtocol} provider.
+        Raise L{fit_broker.errors.ConfigError} unless C{replicas} replicas
+        can run this protocol tolerating C{faults} faults.
+        """
+
+    def __call__(index, replicas, faults, crypto, **options):
+        """
+        Return the L{IOrderingProtocol} provider of replica C{index}.
+
+        @param crypto: this replica's signing and verifying (see
+            L{fit_broker.agreement.crypto}).
+        @param options: keyword arguments a protocol may use or ignore:
+            C{validate} (a value's shape check), C{clock_skew},
+            C{checkpoint_interval}, C{leader_timeout}.
         """
 
 
@@ -192,6 +239,105 @@ class IVoterFactory(Interface):
             of what was delivered before), C{max_ttl} and C{window} (the
             C{(events, bytes)} credit each replica is given).  A voter must
             accept keywords it does not know.
+        """
+
+
+class IOrderedVoter(Interface):
+    """
+    Combines the entries replicas push for one subscriber of one ordered
+    channel into one gapless sequence, in sequence-number order.
+
+    An entry is C{(position, seq, batch, note, span)}: a batch (note C{""})
+    or a tombstone covering C{seq .. seq+span-1}.  Sequence number C{s} is
+    decided only after every number below it was: delivered once C{needed}
+    replicas sent matching C{(position, seq, header, digest)} and a full
+    copy with that digest is at hand (fetched when only digests came), or
+    skipped once C{needed} replicas sent tombstones covering it; never
+    skipped otherwise.  Each replica's copies are bounded by its credit
+    window in events and bytes.  Decisions come out as items with
+    C{position}, C{seq}, C{end} (the next number after it), C{batch} (the
+    full wire batch, or C{None} when skipped), C{note} and C{acks}
+    (C{(replica or None for all, key)} to acknowledge once the item is
+    handled).
+    """
+
+    name = Attribute("The voter's name.")
+    needed = Attribute("Matching copies a decision needs: f+1 (BFT) or 1 (CFT).")
+    next_seq = Attribute("The next sequence number to decide, or C{None} before the start is known.")
+    counters = Attribute("A dict of reason -> count; C{reason:replica-N} names a replica's misdeeds.")
+    holds_copies = Attribute("Always True: copies hold their replica's credit until L{release}.")
+    fetch_ready = Attribute("True when L{wanted} has batches to fetch now.")
+
+    def start_from(position):
+        """
+        Start at the first entry at log position C{position} or later:
+        entries before it are acknowledged and not delivered.  Only before
+        the first entry is offered.
+        """
+
+    def offer(replica, entries, now, costs=None):
+        """
+        Take entries replica C{replica} pushed, in its sending order;
+        C{costs} are their C{(events, bytes)} when the caller counted them.
+
+        @return: the items now decided, in sequence order.
+        """
+
+    def note_watermark(replica, watermark):
+        """
+        Note the log position up to which C{replica} says it sent every entry.
+        """
+
+    def settled():
+        """
+        Return the highest log position up to which this channel has no
+        entry left to decide (C{needed} replicas agree), or -1.
+        """
+
+    def resume_position():
+        """
+        Return the log position to ask replicas to stream from, or C{None}.
+        """
+
+    def offer_fetched(replica, batches, now):
+        """
+        Take full copies sent in answer to a fetch; return the items now decided.
+        """
+
+    def wanted(now):
+        """
+        Return C{(key, replicas)} pairs of batches to fetch now.
+        """
+
+    def expire(now):
+        """
+        Decide what waits on a batch whose TTL passed; return the items.
+        """
+
+    def release():
+        """
+        Return C{{replica: [events, bytes]}}, the credit freed since the last call.
+        """
+
+    def take_acks():
+        """
+        Return C{(replica, key)} pairs for copies of entries already decided.
+        """
+
+    def take_dropped():
+        """
+        Return C{(replica, key)} pairs for copies given up undecided (none).
+        """
+
+    def take_reopen(now):
+        """
+        Return the replicas whose stream to reopen: copies of theirs that
+        were dropped (out of order, beyond their window) are needed now.
+        """
+
+    def forget_replica(replica):
+        """
+        Drop a replica's copies: its link went down or its stream is reopened.
         """
 
 

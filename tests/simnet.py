@@ -6,15 +6,19 @@ transports, driven by a fake clock.  Deterministic and fast.
 from twisted.internet.defer import fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, LoopingCall
 from twisted.test import iosim
 from zope.interface import implementer
 
+from fit_broker import registry
+from fit_broker.agreement.crypto import generate as crypto_generate
 from fit_broker.client.session import open_session
+from fit_broker.interfaces import IOrderingFactory
+from fit_broker.replica.replicated_log import validate
 from fit_broker.keys import generate_keyrings, replica_identity
 from fit_broker.config import parse_config
 from fit_broker.replica.protocol import ReplicaProtocol
-from fit_broker.replica.service import Replica
+from fit_broker.replica.service import AGREEMENT_TICK, Replica, runs_orderer
 from fit_broker.schemes.registry import scheme_lookup
 from tests.byzantine import ByzantineReplicaProtocol
 
@@ -102,10 +106,17 @@ class SimNet:
                 sorted(config.clients),
                 {tag: sorted(spec.publishers | spec.subscribers) for tag, spec in config.channels.items()},
             )
-        self.replicas = [self._replica(i) for i in range(len(config.replicas))]
         self.pumps = []
         self.down = set()
         self.paused = set()
+        self.peer_delay = 0.0
+        self.held = []
+        self.cryptos = crypto_generate(len(config.replicas)) if runs_orderer(config) else None
+        self.replicas = [self._replica(i) for i in range(len(config.replicas))]
+        if self.cryptos is not None:
+            self._ticks = LoopingCall(self._tick)
+            self._ticks.clock = self.clock
+            self._ticks.start(AGREEMENT_TICK, now=False)
 
     def _replica(self, index):
         replica = self.liars.get(index, Replica)(
@@ -115,7 +126,36 @@ class SimNet:
             # a Byzantine replica holds every batch and may send any of them in full
             for channel in replica.broker.channels.values():
                 channel.light_copies = None
+        if self.cryptos is not None:
+            factory = registry.find(IOrderingFactory, self.config.orderer)
+            orderer = factory(
+                index, len(self.config.replicas), self.config.faults, self.cryptos[index],
+                validate=validate, clock_skew=self.config.max_clock_skew,
+            )
+            replica.attach_log(orderer, lambda to, kind, body: self._peer_send(index, to, kind, body))
         return replica
+
+    def _peer_send(self, sender, to, kind, body):
+        targets = [to] if to is not None else [j for j in range(len(self.config.replicas)) if j != sender]
+        for target in targets:
+            self.clock.callLater(self.peer_delay, self._peer_deliver, sender, target, kind, body)
+
+    def _peer_deliver(self, sender, to, kind, body):
+        if sender in self.down or to in self.down:
+            return
+        if sender in self.paused or to in self.paused:
+            self.held.append((sender, to, kind, body))
+            return
+        self.replicas[to].peer_message(sender, kind, body)
+
+    def _tick(self):
+        for index, replica in enumerate(self.replicas):
+            if index not in self.down and index not in self.paused:
+                replica.tick()
+        if self.held and not self.paused:
+            held, self.held = self.held, []
+            for message in held:
+                self._peer_deliver(*message)
 
     def client(self, name, **options):
         endpoints = [_SimEndpoint(self, i) for i in range(len(self.replicas))]

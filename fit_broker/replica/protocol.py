@@ -12,7 +12,7 @@ from fit_broker import units
 from fit_broker.errors import ProtocolError, Status
 from fit_broker.ratelimit import shorten
 from fit_broker.units import Reply, Request
-from fit_broker.wire.codec import decode, encode_delivery, encode_reply
+from fit_broker.wire.codec import decode, encode_delivery, encode_ordered_delivery, encode_reply
 from fit_broker.wire.framing import FrameDecoder
 
 SESSION_MAX = 64
@@ -210,7 +210,19 @@ class ReplicaProtocol(Protocol):
                         encode_reply(Reply(request.seq, Status.BUSY, problem, channel=tag))
                     )
                 return
-        reply = self.replica.handle(self.client, request)
+        reply = self.replica.handle(self.client, request, self)
+        if reply is not None:
+            self.answered(request, reply)
+
+    def answered(self, request, reply):
+        """
+        Send the reply to C{request}, now or once the replicated log
+        answered it, and open or close the stream it asked for.
+        """
+        if self._closed:
+            return
+        method = request.method
+        tag = request.channel
         if request.seq:
             self.transport.write(encode_reply(reply))
         if not reply.ok:
@@ -326,10 +338,14 @@ class ReplicaProtocol(Protocol):
             if stream is None:
                 continue
             batches = stream.take(now)
-            if not batches:
-                continue
-            write(encode_delivery(tag, batches))
-            if stream.ready:
+            if stream.ordered:
+                watermark = stream.queue.watermark(replica.broker.state.position)
+                if batches or watermark > stream.sent_watermark:
+                    stream.sent_watermark = watermark
+                    write(encode_ordered_delivery(tag, batches, watermark))
+            elif batches:
+                write(encode_delivery(tag, batches))
+            if batches and stream.ready:
                 self._ready.add(tag)
         if self._ready:
             self._flush_call = replica.clock.callLater(0, self._flush)

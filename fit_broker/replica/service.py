@@ -18,11 +18,18 @@ from fit_broker.ratelimit import RateLimitedLog, shorten
 from fit_broker.errors import Status
 from fit_broker.units import Reply
 from fit_broker.replica.protocol import ReplicaFactory
+from fit_broker import registry
+from fit_broker.agreement.crypto import ReplicaCrypto
+from fit_broker.errors import ConfigError
+from fit_broker.interfaces import IOrderingFactory
+from fit_broker.replica.replicated_log import PEER_KINDS, ReplicatedLog, validate
 from fit_broker.replica.peers import PeerLinks
 from fit_broker.credentials import replica_peer_tls
 from fit_broker.wire.framing import DEFAULT_MAX_FRAME
 
 EXPIRY_INTERVAL = 1.0
+# Seconds between two clock ticks of the ordering protocol.
+AGREEMENT_TICK = 0.05
 LOGGED_REFUSALS = 20
 HELLO_TIMEOUT = 10.0
 PRE_HELLO_MAX_FRAME = 64 * 1024
@@ -97,6 +104,8 @@ class Replica:
         self.joined = {}
         self.per_client = {}
         self.warnings = RateLimitedLog(self.log, clock)
+        self.replicated_log = None
+        self._waiting = {}
 
     def count(self, reason):
         self.counters[reason] = self.counters.get(reason, 0) + 1
@@ -123,10 +132,53 @@ class Replica:
         """
         return {"replica": self.index, "cluster": self.config.name, "now": self.clock.seconds()}
 
-    def handle(self, client, request):
+    def attach_log(self, orderer, send):
+        """
+        Run the cluster's ordering protocol here: C{send(to, kind, body)}
+        reaches peers (C{to} C{None}: all of them).
+        """
+        self.replicated_log = ReplicatedLog(orderer, self.broker, send, self._answer)
+        self._waiting = {}
+        self.broker.table_problem = (
+            None if self.keys is not None
+            else "the replicas hold no keys to check administrators' signatures (set [cluster] keys_dir)"
+        )
+
+    def peer_message(self, sender, kind, body):
+        if self.replicated_log is not None:
+            self.replicated_log.received(sender, kind, body, self.clock.seconds())
+
+    def tick(self):
+        if self.replicated_log is not None:
+            self.replicated_log.tick(self.clock.seconds())
+
+    def _answer(self, token, reply):
+        waiting = self._waiting.pop(token, None)
+        if waiting is None:
+            return
+        protocol, request = waiting
+        if not reply.ok:
+            self.refused(protocol.client, request, reply)
+        protocol.answered(request, reply)
+
+    def handle(self, client, request, protocol=None):
+        """
+        Return the reply to C{request}, or C{None} when it waits for the
+        replicated log: C{protocol.answered} gets it then.
+        """
         if request.method == units.STATUS:
             return Reply(request.seq, Status.OK, info=self.snapshot(client))
-        reply = self.broker.handle(client, request, self.clock.seconds())
+        log = self.replicated_log
+        if log is None:
+            reply = self.broker.handle(client, request, self.clock.seconds())
+        else:
+            token = object()
+            reply = self.broker.handle(client, request, self.clock.seconds(), token)
+            if reply is None:
+                self._waiting[token] = (protocol, request)
+            log.pump(self.clock.seconds())
+            if reply is None:
+                return None
         if not reply.ok:
             self.refused(client, request, reply)
         elif reply.info.get("expired"):
@@ -283,7 +335,14 @@ class Replica:
         """
         clock = {"started": self.started, "now": self.clock.seconds()}
         if client is None or self.config.is_admin(client):
-            return {"connections": dict(self.counters), **self.broker.snapshot(), **clock}
+            full = {"connections": dict(self.counters), **self.broker.snapshot(), **clock}
+            if self.replicated_log is not None:
+                full["agreement"] = {
+                    **self.replicated_log.orderer.status(),
+                    "position": self.broker.state.position,
+                    "counters": dict(self.replicated_log.counters),
+                }
+            return full
         return {**self.broker.snapshot(client), **clock}
 
 
@@ -299,6 +358,7 @@ def make_replica_service(
     max_connections=None,
     metrics=None,
     on_peer_message=None,
+    peer_endpoints=None,
     **limits,
 ):
     """
@@ -339,9 +399,72 @@ def make_replica_service(
         metrics_service(metrics, reactor, lambda: replica_families(replica)).setServiceParent(top)
     top.replica = replica
     top.peers = replica.peers = None
+    orderer = make_orderer(config, index, keys) if runs_orderer(config, keys) else None
+    if orderer is None:
+        replica.broker.table_problem = config.orderer_problem or (
+            "the replicas run no ordering protocol: name administrators in [cluster] admins "
+            "and give the replicas their keys (fitbroker init)"
+        )
+    if orderer is not None and on_peer_message is None:
+        on_peer_message = replica.peer_message
     if on_peer_message is not None:
         top.peers = replica.peers = PeerLinks(
-            index, config, reactor, keys, replica_peer_tls(config, index), on_peer_message
+            index, config, reactor, keys, replica_peer_tls(config, index), on_peer_message,
+            kinds=PEER_KINDS, **({"endpoints": peer_endpoints} if peer_endpoints else {}),
         )
         top.peers.setServiceParent(top)
+    if orderer is not None:
+        peers = top.peers
+
+        def send(to, kind, body):
+            if to is None:
+                peers.broadcast(kind, body)
+            else:
+                peers.send(to, kind, body)
+
+        replica.attach_log(orderer, send)
+        ticks = TimerService(AGREEMENT_TICK, replica.tick)
+        ticks.clock = reactor
+        ticks.setServiceParent(top)
     return top
+
+
+def runs_orderer(config, keys=None):
+    """
+    Whether the replicas of C{config} run the ordering protocol: when a
+    channel is ordered, or administrators may change the control table and
+    the replicas hold what the protocol needs, and the cluster can run one.
+    """
+    if config.orderer is None:
+        return False
+    if any(spec.qos.ordering != "none" for spec in config.channels.values()):
+        return True
+    if not config.admins or keys is None:
+        return False
+    return keys.replica_signing_key is not None or not registry.find(
+        IOrderingFactory, config.orderer
+    ).byzantine
+
+
+def make_orderer(config, index, keys):
+    """
+    Return replica C{index}'s ordering protocol, signing with its key when
+    the protocol is Byzantine.
+    """
+    factory = registry.find(IOrderingFactory, config.orderer)
+    crypto = None
+    if keys is not None and keys.replica_signing_key is not None:
+        crypto = ReplicaCrypto(
+            index,
+            keys.replica_signing_key,
+            {j: keys.replica_verify_key(j) for j in range(len(config.replicas))},
+        )
+    elif factory.byzantine:
+        raise ConfigError(
+            f"{config.path}: replica {index} has no signing key for {config.orderer}: "
+            "run fitbroker init again to add the replicas' keys"
+        )
+    return factory(
+        index, len(config.replicas), config.faults, crypto,
+        validate=validate, clock_skew=config.max_clock_skew,
+    )

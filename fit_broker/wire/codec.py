@@ -6,6 +6,7 @@ Messages::
     request:  [1, seq, method, channel, count, batches, options]
     reply:    [2, seq, status, text, channel, batches, info]
     delivery: [3, channel, batches]
+    ordered:  [4, channel, entries, watermark]   (entry: [position, seq, batch, note, span])
     peer:     [5, sender, counter, kind, body, mac]   (between replicas)
 
 and batches are 7-element arrays in L{fit_broker.units.BATCH_FIELDS} order,
@@ -21,12 +22,13 @@ from typing import NamedTuple
 import msgpack
 
 from fit_broker.errors import ProtocolError
-from fit_broker.units import METHODS, Delivery, Reply, Request
+from fit_broker.units import METHODS, TOMBSTONE_NOTES, Delivery, OrderedDelivery, Reply, Request
 from fit_broker.wire.framing import frame
 
 VERSION = 1
 _VERSION_BYTE = bytes([VERSION])
 REQUEST, REPLY, DELIVERY = 1, 2, 3
+ORDERED_DELIVERY = 4
 PEER = 5
 
 _MAX_STR = 1 << 20
@@ -74,6 +76,14 @@ def encode_delivery(channel, batches):
     return frame(_VERSION_BYTE + _pack((DELIVERY, channel, batches)))
 
 
+def encode_ordered_delivery(channel, entries, watermark):
+    """
+    Encode pushed entries of an ordered channel, C{(position, seq, batch,
+    note, span)} tuples, and the replica's watermark for the channel.
+    """
+    return frame(_VERSION_BYTE + _pack((ORDERED_DELIVERY, channel, entries, watermark)))
+
+
 class PeerFrame(NamedTuple):
     """
     A frame from replica C{sender} on a link between replicas; C{mac} is
@@ -89,6 +99,15 @@ class PeerFrame(NamedTuple):
 
 def encode_peer_frame(sender, counter, kind, body, mac):
     return frame(_VERSION_BYTE + _pack((PEER, sender, counter, kind, body, mac)))
+
+
+def check_batches(batches):
+    """
+    Return C{batches} when it is a tuple of well-formed wire batches.
+
+    @raise ProtocolError: naming the expected shape otherwise.
+    """
+    return _check_batches(batches)
 
 
 def _check_batches(batches):
@@ -113,9 +132,32 @@ def _check_batches(batches):
     return batches
 
 
+_NOTES = frozenset(("",) + TOMBSTONE_NOTES)
+
+
+def _check_entries(entries):
+    if type(entries) is not tuple:
+        raise ProtocolError("ordered entries must be an array")
+    for entry in entries:
+        if type(entry) is not tuple or len(entry) != 5:
+            raise ProtocolError("each ordered entry must be [position, seq, batch, note, span]")
+        position, seq, batch, note, span = entry
+        if type(position) is not int or position < 1 or type(seq) is not int or seq < 0:
+            raise ProtocolError("an ordered entry needs a position >= 1 and a seq >= 0 (integers)")
+        if type(note) is not str or note not in _NOTES:
+            raise ProtocolError(f"an ordered entry's note must be one of {sorted(_NOTES)}")
+        if type(span) is not int or span < 1 or (not note and span != 1):
+            raise ProtocolError("an ordered entry's span must be 1, or >= 1 for a tombstone")
+        _check_batches((batch,))
+        if note and (batch[5] or len(batch[6]) != 32):
+            raise ProtocolError("a tombstone's batch must be a digest form (empty payload, 32-byte proof)")
+    return entries
+
+
 def decode(payload):
     """
-    Decode one frame payload into a L{Request}, L{Reply} or L{Delivery}.
+    Decode one frame payload into a L{Request}, L{Reply}, L{Delivery} or
+    L{OrderedDelivery}.
 
     @raise ProtocolError: when the payload is not a valid message.
     """
@@ -142,6 +184,13 @@ def decode(payload):
             if type(channel) is not str:
                 raise ProtocolError("delivery channel must be a string")
             return Delivery(channel, _check_batches(batches))
+        if kind == ORDERED_DELIVERY:
+            _, channel, entries, watermark = message
+            if type(channel) is not str:
+                raise ProtocolError("delivery channel must be a string")
+            if type(watermark) is not int or watermark < 0:
+                raise ProtocolError("an ordered delivery's watermark must be an integer >= 0")
+            return OrderedDelivery(channel, _check_entries(entries), watermark)
         if kind == REQUEST:
             _, seq, method, channel, count, batches, options = message
             if (
