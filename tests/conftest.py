@@ -13,6 +13,15 @@ def pytest_addoption(parser):
         "--seed", action="append", default=[], metavar="KIND:N",
         help="run only seed N of adversary KIND (repeatable), to replay a failing run",
     )
+    agreement = parser.getgroup("agreement simulation")
+    agreement.addoption(
+        "--agreement-seeds", type=int, default=None, metavar="N",
+        help="run N seeds in all, spread over the kinds, in tests/test_agreement_sim.py (default 2016)",
+    )
+    agreement.addoption(
+        "--agreement-seed", action="append", default=[], metavar="KIND:N",
+        help="run only seed N of agreement kind KIND (repeatable), to replay a failing run",
+    )
 
 
 import pytest
