@@ -38,7 +38,7 @@ EXAMPLES = {
     "example_scheme.py": (IProtectionScheme, "rot13-demo"),
     "example_qop.py": (IQoPMode, "cft-all"),
     "example_voter.py": (IVoterFactory, "first-copy-tally"),
-    "example_ordering.py": (IOrderingFactory, "arrival-counted"),
+    "example_ordering.py": (IOrderingFactory, "sequencer"),
 }
 FITBROKER = [sys.executable, "-c", "import sys; from fit_broker.cli import main; sys.exit(main())"]
 
@@ -111,10 +111,14 @@ def test_examples_are_dropped_in_and_found(tmp_path, builtins_only):
         assert verifyObject(interface, plugin) and plugin.name == name
     voter = registry.find(IVoterFactory, "first-copy-tally")(faults=1, channel="demo", replicas=2)
     assert verifyObject(IVoter, voter)
-    ordering = registry.find(IOrderingFactory, "arrival-counted")()
-    assert verifyObject(IOrderingProtocol, ordering)
-    assert ordering.submit("demo", [(1, "entry")], 0.0) == [("demo", [(1, "entry")])]
-    assert ordering.appended == 1
+    factory = registry.find(IOrderingFactory, "sequencer")
+    leader, follower = factory(0, 2, 0, None), factory(1, 2, 0, None)
+    assert verifyObject(IOrderingProtocol, leader)
+    effects = leader.submit([("value", 1)], 0.0)
+    assert [d.values for d in effects.decided] == [(("value", 1),)]
+    (to, message), = effects.messages
+    assert to is None
+    assert [d.values for d in follower.receive(0, message, 0.0).decided] == [(("value", 1),)]
     assert registry.find(IQoPMode, "cft-all").acks_needed(3, 1) == 3
 
 
@@ -145,7 +149,7 @@ def _every_kind(tmp_path, port=None):
     [
         ('voter = "first-copy-tally"', "channels[0].voter"),
         ('qop = "cft-all"', "channels[0].qop"),
-        ('ordering = "arrival-counted"', "classes.counted.ordering"),
+        ('orderer = "sequencer"', "cluster.orderer"),
     ],
 )
 def test_a_misspelt_name_stops_the_configuration(tmp_path, builtins_only, old, key):
@@ -178,7 +182,7 @@ def test_a_missing_plugin_folder_is_named(tmp_path, builtins_only):
 
 
 def test_every_kind_carries_events_in_a_simulated_cluster(tmp_path, builtins_only):
-    """The README's every-kind cluster, run in-process, uses all four examples: all replicas acknowledge, the tally counts, the ordering counts."""
+    """The README's every-kind cluster, run in-process, uses all four examples: all replicas acknowledge, the tally counts, replica 0 orders for both."""
     config = load_config(str(_every_kind(tmp_path)))
     assert config.acks_needed("demo") == 2
     net = SimNet(config)
@@ -195,9 +199,14 @@ def test_every_kind_carries_events_in_a_simulated_cluster(tmp_path, builtins_onl
     assert voter.name == "first-copy-tally"
     assert sum(n for reason, n in voter.counters.items() if reason.startswith("first:")) == voter.counters["delivered"]
     for replica in net.replicas:
-        channel = replica.broker.channels["demo"]
-        assert channel.ordering.name == "arrival-counted" and channel.ordering.appended >= 1
-        assert channel.scheme.name == "rot13-demo"
+        assert replica.broker.channels["demo"].scheme.name == "rot13-demo"
+    ordered = publisher.publisher.publish_many("in-order", [b"first", b"second"])
+    net.run(seconds=1)
+    assert ordered.called and len(ordered.result) == 2
+    for replica in net.replicas:
+        orderer = replica.replicated_log.orderer
+        assert orderer.name == "sequencer" and orderer.status()["decided"] >= 1
+        assert replica.broker.state.next_seq["in-order"] == 2
 
 
 @pytest.mark.integration

@@ -436,6 +436,10 @@ class PeerLinks(Service):
     @ivar up: indexes of the peers our outgoing link to is ready.
     @ivar incoming: indexes of the peers with a proven link to us.
     @ivar counters: peer index -> counter name (L{COUNTERS}) -> number.
+    @param trust_network: link without MAC keys or TLS (a crash-tolerant
+        trial cluster without keys): anyone on the network could then speak
+        for a replica, which a warning says at start.
+
     @ivar unauthenticated: peers whose links are off: no MAC key for them
         and TLS is off, so nothing would prove who is at the other end.
     @ivar connected: our outgoing connections, whether or not their hello
@@ -460,6 +464,7 @@ class PeerLinks(Service):
         max_buffered_frames=MAX_BUFFERED_FRAMES,
         stall_timeout=STALL_TIMEOUT,
         hello_timeout=HELLO_TIMEOUT,
+        trust_network=False,
     ):
         self.index = index
         self.config = config
@@ -478,8 +483,9 @@ class PeerLinks(Service):
         self.counters = {j: dict.fromkeys(COUNTERS, 0) for j in self.peers}
         self.up = set()
         self.incoming = set()
+        self.trust_network = trust_network
         self.unauthenticated = frozenset(
-            j for j in self.peers if tls is None and self.mac_key(j) is None
+            j for j in self.peers if tls is None and self.mac_key(j) is None and not trust_network
         )
         self.warnings = RateLimitedLog(self.log, reactor)
         self._endpoints = endpoints
@@ -662,6 +668,13 @@ class PeerLinks(Service):
                 "sends",
                 index=self.index,
                 peers=sorted(self.unauthenticated),
+            )
+        elif self.trust_network and self.tls is None and self.keys is None:
+            self.log.warn(
+                "replica {index}: links between replicas are not authenticated (no keys "
+                "folder, TLS off): fine for a trial on one host; run `fitbroker init` for a "
+                "cluster that resists attackers",
+                index=self.index,
             )
         for peer in self.peers:
             if peer in self.unauthenticated:

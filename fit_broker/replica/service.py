@@ -411,6 +411,7 @@ def make_replica_service(
         top.peers = replica.peers = PeerLinks(
             index, config, reactor, keys, replica_peer_tls(config, index), on_peer_message,
             kinds=PEER_KINDS, **({"endpoints": peer_endpoints} if peer_endpoints else {}),
+            trust_network=orderer is not None and keys is None and config.keys_dir is None,
         )
         top.peers.setServiceParent(top)
     if orderer is not None:
