@@ -85,7 +85,7 @@ class SimNet:
     @ivar down: replicas that refuse connections (killed).
     """
 
-    def __init__(self, config, clock=None, faulty=None, keys=False, liars=None):
+    def __init__(self, config, clock=None, faulty=None, keys=False, liars=None, orderer_options=None):
         """
         @param faulty: replica index -> a Byzantine behaviour (see
             L{tests.byzantine}) that rewrites what that replica sends.
@@ -94,6 +94,7 @@ class SimNet:
             logic lies (see L{tests.byzantine.AcksWithoutStoring}).
         """
         self.liars = dict(liars or {})
+        self.orderer_options = dict(orderer_options or {})
         self.config = config
         self.clock = clock or Clock()
         self.clock.advance(1_800_000_000)
@@ -130,7 +131,7 @@ class SimNet:
             factory = registry.find(IOrderingFactory, self.config.orderer)
             orderer = factory(
                 index, len(self.config.replicas), self.config.faults, self.cryptos[index],
-                validate=validate, clock_skew=self.config.max_clock_skew,
+                validate=validate, clock_skew=self.config.max_clock_skew, **self.orderer_options,
             )
             replica.attach_log(orderer, lambda to, kind, body: self._peer_send(index, to, kind, body))
         return replica
