@@ -31,9 +31,9 @@ from fit_broker.agreement.crypto import generate as ed25519_replicas
 from fit_broker.agreement.engine import Orderer
 from fit_broker.agreement.values import value_key
 
-TICK = 0.1
+TICK = 0.15
 LEADER_TIMEOUT = 1.0
-CHAOS = (3.0, 8.0)
+CHAOS = (2.0, 6.0)
 LIVENESS_BOUND = 150.0
 
 KINDS = (
@@ -192,6 +192,7 @@ class Sim:
         self.where = {}  # value key -> instance
 
         self.values = []
+        self.progress = 0
         self._plan()
 
     @staticmethod
@@ -210,7 +211,7 @@ class Sim:
         kind = self.kind
         values = rng.randint(4, 40)
         for k in range(values):
-            when = rng.uniform(0.0, self.heal_at + 2.0)
+            when = rng.uniform(0.0, self.heal_at + 1.0)
             value = ("bad" if rng.random() < 0.05 else "v", k, rng.randbytes(rng.choice([8, 40, 300])))
             # most values reach every replica, some only a quorum, a few fewer
             r = rng.random()
@@ -350,6 +351,7 @@ class Sim:
         while True:
             if effects.restore is not None:
                 node.app.restore(*effects.restore)
+                self.progress += 1
                 if node.correct:
                     self.check_chain(node)
             wanted = set(effects.checkpoints)
@@ -358,6 +360,7 @@ class Sim:
                 if decided.instance <= node.app.applied:
                     raise Broken(f"replica {node.index} decided instance {decided.instance} twice")
                 node.app.apply(decided)
+                self.progress += 1
                 if node.correct:
                     self.check_decision(node, decided)
                 if decided.instance in wanted:
@@ -464,21 +467,24 @@ class Sim:
         """
         self.healed = False
         deadline = None
+        checked = -1
         steps = 0
         while self.events:
             when, _, action, args = heapq.heappop(self.events)
             self.now = when
             action(*args)
             steps += 1
-            if self.healed and deadline is None and self.now >= self.heal_at + 2.5:
+            if self.healed and deadline is None and self.now >= self.heal_at + 1.5:
                 # every value is submitted by now
                 self.required = [
                     k for k in self.values if len(self.holders[k]) >= 2 * self.f + 1
                 ]
                 deadline = self.now + LIVENESS_BOUND
             if deadline is not None:
-                if self.done():
-                    break
+                if self.progress != checked:
+                    checked = self.progress
+                    if self.done():
+                        break
                 if self.now > deadline:
                     missing = [k.hex()[:12] for k in self.required if k not in self.where]
                     behind = {n.index: n.app.applied for n in self.nodes if n.correct}
