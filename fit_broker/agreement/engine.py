@@ -56,6 +56,22 @@ Deviations from the paper, all decided for this implementation:
  - In crash mode, state transfer trusts a single reply (crash faults do not
    lie): requiring f+1 matching replies would block a replica whose only
    live peer is the one that decided without it.
+ - A replica restarted without its engine's memory (C{recovering=True})
+   casts no vote and sends no STOPDATA until 2f+1 others told it their
+   last decided instance L and it has caught up past the highest L + 2:
+   it may have voted up to there and forgotten what, which would break even
+   the crash-tolerant variant (Viewstamped Replication's recovery rule, in
+   Mod-SMaRt's terms).
+ - Decided values' keys are remembered for C{pool_limit_values} keys, and a
+   checkpoint transferred to a lagging replica comes with the keys decided
+   before it (checked against the checkpoint's certified hash chain, which
+   is why a proposal's digest is computed over its values' keys), so a
+   replica that restored a checkpoint never proposes or votes for a value
+   decided before it.
+ - Quorums may be formed from messages a replica buffered while it was one
+   or two instances or regencies behind (bounded per sender in count and
+   bytes); anything further ahead is dropped and only hints that the
+   sender is ahead.
 """
 
 import hashlib
@@ -503,26 +519,59 @@ class Orderer:
         self._own.pop(key, None)
 
     def _on_have(self, sender, m, raw, now):
+        # the hot path of every value: _charge and _announced, inlined
         pool = self._pool
         decided = self._decided_keys
+        eligible = self._eligible
+        eligible_at = self._eligible_at
+        missing = self._slot.missing
+        bit = 1 << sender
+        count = self._charge_values[sender]
+        size = self._charge_bytes[sender]
+        limit_values = self._limit_values
+        limit_bytes = self._limit_bytes
+        sha256 = _sha256
+        over = bad = 0
         for data in m[1]:
-            key = _sha256(data).digest()
+            key = sha256(data).digest()
             if key in decided:
                 continue
             entry = pool.get(key)
-            if not self._charge(sender, entry, len(data)):
-                self._count("have_over_quota")
-                continue
+            length = len(data)
             if entry is None:
+                if count >= limit_values or size + length > limit_bytes:
+                    over += 1
+                    continue
                 try:
                     value = decode_value(data)
                 except ValueError:
-                    self._charge_values[sender] -= 1
-                    self._charge_bytes[sender] -= len(data)
-                    self._count("have_bad_value")
+                    bad += 1
                     continue
-                entry = pool[key] = [value, data, 0, False, now]
-            self._announced(key, entry, sender)
+                entry = pool[key] = [value, data, bit, False, now]
+                mask = bit
+            else:
+                mask = entry[2]
+                if mask & bit:
+                    continue
+                if count >= limit_values or size + length > limit_bytes:
+                    over += 1
+                    continue
+                mask |= bit
+                entry[2] = mask
+            count += 1
+            size += length
+            if mask.bit_count() == eligible_at:
+                eligible[key] = None
+            if missing and key in missing and self._holds(entry):
+                missing.discard(key)
+                if not missing:
+                    self._changed = True
+        self._charge_values[sender] = count
+        self._charge_bytes[sender] = size
+        if over:
+            self._count("have_over_quota", over)
+        if bad:
+            self._count("have_bad_value", bad)
 
     def _values_of(self, data):
         """
