@@ -88,6 +88,11 @@ def _parser():
     tail.add_argument(
         "--no-state", action="store_true", help="record nothing: a restart may print events again"
     )
+    tail.add_argument(
+        "--from", dest="from_position", type=int, default=None, metavar="POSITION",
+        help="ordered channels only: start at log POSITION (events before it are acknowledged "
+        "and not printed) instead of where the delivery state left off",
+    )
     tail.add_argument("channels", nargs="+", metavar="CHANNEL")
     tail.set_defaults(run=_tail)
 
@@ -370,15 +375,27 @@ def _unwrap(error):
 
 def event_json(tag, event):
     """
-    One delivered event as the JSON object `tail` prints.
+    One delivered event as the JSON object `tail` prints; an event of an
+    ordered channel also has its batch's log position and sequence number.
     """
-    record = {
-        "channel": tag,
-        "publisher": event.publisher,
-        "event_id": event.event_id,
-        "timestamp": event.timestamp,
-        "urgency": event.urgency,
-    }
+    if event.seq is None:
+        record = {
+            "channel": tag,
+            "publisher": event.publisher,
+            "event_id": event.event_id,
+            "timestamp": event.timestamp,
+            "urgency": event.urgency,
+        }
+    else:
+        record = {
+            "channel": tag,
+            "position": event.position,
+            "seq": event.seq,
+            "publisher": event.publisher,
+            "event_id": event.event_id,
+            "timestamp": event.timestamp,
+            "urgency": event.urgency,
+        }
     try:
         record["content"] = event.content.decode("utf-8")
     except UnicodeDecodeError:
@@ -451,6 +468,27 @@ class PartlyPrinted:
             pass
 
 
+def _check_from(config, args):
+    """
+    Refuse C{--from} in one line unless it is a position and every channel
+    named is ordered.
+    """
+    if args.from_position is None:
+        return
+    from fit_broker.sequencer import ORDERED_SCOPES
+
+    if args.from_position < 1:
+        raise CommandError(f"--from: expected a log position (1 or more), found {args.from_position}")
+    if args.skip_backlog:
+        raise CommandError("--from and --skip-backlog contradict each other; use one")
+    unordered = [tag for tag in args.channels if config.channel(tag).qos.ordering not in ORDERED_SCOPES]
+    if unordered:
+        raise CommandError(
+            f"--from: not an ordered channel: {', '.join(unordered)}; log positions exist only on "
+            'channels whose QoS class has ordering "channel" or "global"'
+        )
+
+
 async def _tail(reactor, args):
     from twisted.internet.defer import Deferred
 
@@ -461,6 +499,7 @@ async def _tail(reactor, args):
         _check_channel(config, tag, lambda s: s.may_subscribe(client), "subscribe to")
     if args.count is not None and args.count < 1:
         raise CommandError("--count: expected a positive number")
+    _check_from(config, args)
     state_dir = _state_dir(args, config, client)
     session = await _connect(reactor, config, client, state_dir=state_dir)
     finished = Deferred()
@@ -500,7 +539,7 @@ async def _tail(reactor, args):
             try:
                 reply = await session.subscriber.subscribe(
                     tag, printer(tag), resume=not args.skip_backlog, takeover=args.takeover,
-                    batches=True,
+                    batches=True, from_position=args.from_position,
                 )
             except RequestFailed as e:
                 if e.status == "busy":

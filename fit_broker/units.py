@@ -93,6 +93,9 @@ class Event:
     @ivar timestamp: the publisher's clock, seconds since the epoch.
     @ivar ttl: seconds after C{timestamp} at which the event expires.
     @ivar urgency: 0 is the least urgent; higher levels leave queues first.
+    @ivar position: the log position of its batch on an ordered channel,
+        else C{None} (see L{OrderedEvent}).
+    @ivar seq: its batch's sequence number on an ordered channel, else C{None}.
     """
 
     publisher: str
@@ -101,10 +104,25 @@ class Event:
     ttl: float
     urgency: int
     content: bytes
+    # Class attributes, not fields: unordered events are built by the
+    # million, and two more fields would cost each of them.
+    position = None
+    seq = None
 
     @property
     def deadline(self):
         return self.timestamp + self.ttl
+
+
+@attrs.define(slots=True)
+class OrderedEvent(Event):
+    """
+    An event of an ordered channel: L{Event} with the log position and the
+    channel's sequence number of the batch it came in.
+    """
+
+    position: int | None = attrs.field(default=None, kw_only=True)
+    seq: int | None = attrs.field(default=None, kw_only=True)
 
 
 @attrs.frozen
@@ -209,6 +227,9 @@ class DeliveredBatch:
     Consumers that ingest at high rates take these and skip building one
     L{Event} per event; event C{i} has id C{first_id + i} and content
     C{contents[i]}.
+
+    @ivar position: the batch's log position on an ordered channel, else C{None}.
+    @ivar seq: the batch's sequence number on an ordered channel, else C{None}.
     """
 
     publisher: str
@@ -217,10 +238,21 @@ class DeliveredBatch:
     ttl: float
     urgency: int
     contents: list
+    position: int | None = attrs.field(default=None, kw_only=True)
+    seq: int | None = attrs.field(default=None, kw_only=True)
 
     def events(self):
+        if self.seq is None:
+            return [
+                Event(self.publisher, self.first_id + i, self.timestamp, self.ttl, self.urgency, c)
+                for i, c in enumerate(self.contents)
+            ]
+        position, seq = self.position, self.seq
         return [
-            Event(self.publisher, self.first_id + i, self.timestamp, self.ttl, self.urgency, c)
+            OrderedEvent(
+                self.publisher, self.first_id + i, self.timestamp, self.ttl, self.urgency, c,
+                position=position, seq=seq,
+            )
             for i, c in enumerate(self.contents)
         ]
 
@@ -269,3 +301,37 @@ class Delivery:
 
     channel: str
     batches: tuple
+
+
+# Why an ordered entry carries no batch (a tombstone): the batch expired or
+# overflowed at the replica, and its sequence numbers are skipped.
+TOMBSTONE_NOTES = ("expired", "overflow")
+
+
+@attrs.frozen
+class OrderedDelivery:
+    """
+    Entries of an ordered channel a replica pushes on a subscriber's stream.
+
+    @ivar entries: C{(position, seq, batch, note, span)} tuples in sequence
+        order: C{note} is C{""} for a batch (full or digest form, C{span}
+        1), or one of L{TOMBSTONE_NOTES} for a tombstone, whose batch is a
+        digest form and which covers sequence numbers C{seq .. seq+span-1}.
+    @ivar watermark: the highest log position up to which this replica has
+        sent this subscriber every entry of the channel.
+    """
+
+    channel: str
+    entries: tuple
+    watermark: int
+
+
+def entry_cost(batch, note):
+    """
+    Return the C{(events, bytes)} of flow-control credit an ordered entry
+    uses: a batch's, or one event and L{BATCH_OVERHEAD} bytes for a
+    tombstone.  Replicas and subscribers must count alike.
+    """
+    if note:
+        return 1, BATCH_OVERHEAD
+    return payload_count(batch[5]) or 1, len(batch[5]) + len(batch[6]) + BATCH_OVERHEAD

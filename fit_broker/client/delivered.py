@@ -8,13 +8,20 @@ and channel, one append-only file of JSON lines:
     {"fitbroker-delivered": 1}                      format version, first line
     {"s": [[pub, first_id, urgency], ...],          snapshot: remembered keys,
      "f": [[pub, urgency, floor], ...],             the floors of forgotten ones
-     "m": [[pub, first_id, urgency], ...]}          and the maybe-repeated ones
-    {"h": [[pub, first_id, urgency], ...]}          a group is being handed
+     "m": [[pub, first_id, urgency], ...],          and the maybe-repeated ones
+     "o": [position, seq]}                          (ordered channels) the last one
+    {"h": [[pub, first_id, urgency], ...],          a group is being handed
+     "o": [position, seq]}                          (ordered) and where it ends
     {"d": 1}                                        ... and the application took it
+    {"o": [position, seq]}                          (ordered) numbers up to here skipped
 
 Only a group followed by its C{d} line counts as delivered; a group whose
 C{d} line is missing may or may not have reached the application, so its
-keys are delivered again and reported as possible repeats.
+keys are delivered again and reported as possible repeats.  On an ordered
+channel, L{DeliveryRecord.last_order} is the C{(position, seq)} delivered or
+skipped last, where a restarted subscriber resumes.  A file with it says
+format 2 in its first line, so that a version reading only format 1 refuses
+it rather than resuming ordered channels from the wrong place.
 """
 
 import errno
@@ -27,7 +34,9 @@ from twisted.logger import Logger
 from fit_broker.dedup import RecentIds
 from fit_broker.errors import ConfigError, FitBrokerError
 
-FORMAT = 1
+FORMAT = 2
+# The format a file without ordered positions is written in.
+UNORDERED_FORMAT = 1
 HEADER = "fitbroker-delivered"
 DEFAULT_WINDOW = 16_384
 
@@ -72,6 +81,15 @@ def _triples(value):
             return None
         out.append((a, b, c))
     return out
+
+
+def _order(value):
+    """
+    C{value} as a C{(position, seq)} tuple, or None if it is not one.
+    """
+    if type(value) is not list or len(value) != 2 or not all(type(v) is int and v >= 0 for v in value):
+        return None
+    return (value[0], value[1])
 
 
 def _write_all(fd, data):
@@ -134,6 +152,8 @@ class DeliveryRecord:
         self._durable = RecentIds(window)
         self._maybe = {}
         self._pending = None
+        self._pending_order = None
+        self._order = None
         self._fd = None
         self._size = 0
         self._since = 0
@@ -242,25 +262,35 @@ class DeliveryRecord:
             return False
         if type(record) is not dict:
             return False
-        if "h" in record and len(record) == 1:
+        if "h" in record and set(record) <= {"h", "o"}:
             group = _triples(record["h"])
-            if group is None:
+            order = _order(record["o"]) if "o" in record else None
+            if group is None or ("o" in record and order is None):
                 return False
             if self._pending is not None:
                 self._abandon()
             self._pending = group
+            self._pending_order = order
             return True
         if record == {"d": 1}:
             if self._pending is not None:
                 self._commit(self._pending)
                 self._pending = None
             return True
-        if "s" in record and set(record) <= {"s", "f", "m"}:
+        if set(record) == {"o"}:
+            order = _order(record["o"])
+            if order is None:
+                return False
+            self._order = order
+            return True
+        if "s" in record and set(record) <= {"s", "f", "m", "o"}:
             keys = _triples(record["s"])
             floors = _triples(record.get("f", []))
             maybe = _triples(record.get("m", []))
-            if keys is None or floors is None or maybe is None:
+            order = _order(record["o"]) if "o" in record else None
+            if keys is None or floors is None or maybe is None or ("o" in record and order is None):
                 return False
+            self._order = order
             durable = self._durable = RecentIds(self.window)
             for publisher, urgency, floor in floors:
                 durable._floors[publisher, urgency] = floor
@@ -268,10 +298,14 @@ class DeliveryRecord:
                 durable.add((publisher, first_id), urgency)
             self._maybe = {(publisher, first_id): urgency for publisher, first_id, urgency in maybe}
             self._pending = None
+            self._pending_order = None
             return True
         return False
 
     def _commit(self, group):
+        if self._pending_order is not None:
+            self._order = self._pending_order
+            self._pending_order = None
         durable = self._durable
         maybe = self._maybe
         for publisher, first_id, urgency in group:
@@ -290,15 +324,18 @@ class DeliveryRecord:
             if key not in durable:
                 self._maybe[key] = urgency
         self._pending = None
+        self._pending_order = None
 
     # -- writing --------------------------------------------------------
 
-    def handing(self, batches):
+    def handing(self, batches, order=None):
         """
         Record that the group C{batches}, a list of C{(publisher, first_id,
         urgency)}, is about to be handed to the application: one line, one
         C{write()} (no fsync; a SIGKILL keeps the page cache).
 
+        @param order: on an ordered channel, the C{(position, seq)} of the
+            group's last batch: L{last_order} once it is L{handed}.
         @raise FitBrokerError: the line cannot be written; do not hand the group.
         """
         if self._pending is not None:
@@ -306,8 +343,32 @@ class DeliveryRecord:
             self._abandon()
         if type(batches) is not list:
             batches = list(batches)
-        self._append(('{"h":' + json.dumps(batches, separators=(",", ":")) + "}\n").encode())
+        line = '{"h":' + json.dumps(batches, separators=(",", ":"))
+        if order is not None:
+            order = (int(order[0]), int(order[1]))
+            line += f',"o":[{order[0]},{order[1]}]'
+        self._append((line + "}\n").encode())
         self._pending = batches
+        self._pending_order = order
+
+    def skipped(self, position, seq):
+        """
+        Record that an ordered channel's numbers up to C{seq} were skipped
+        (tombstones): L{last_order} becomes C{(position, seq)} at once.
+
+        @raise FitBrokerError: the line cannot be written.
+        """
+        order = (int(position), int(seq))
+        self._append(f'{{"o":[{order[0]},{order[1]}]}}\n'.encode())
+        self._order = order
+
+    @property
+    def last_order(self):
+        """
+        C{(position, seq)} of what an ordered channel delivered or skipped
+        last, or C{None}.
+        """
+        return self._order
 
     def handed(self):
         """
@@ -363,7 +424,9 @@ class DeliveryRecord:
             "f": [[publisher, urgency, floor] for (publisher, urgency), floor in durable._floors.items()],
             "m": maybe,
         }
-        header = json.dumps({HEADER: FORMAT})
+        if self._order is not None:
+            snapshot["o"] = list(self._order)
+        header = json.dumps({HEADER: FORMAT if self._order is not None else UNORDERED_FORMAT})
         return (header + "\n" + json.dumps(snapshot, separators=(",", ":")) + "\n").encode()
 
     def _compact(self):
@@ -376,7 +439,10 @@ class DeliveryRecord:
         data = self._snapshot()
         pending = self._pending
         if pending is not None:
-            data += ('{"h":' + json.dumps(pending, separators=(",", ":")) + "}\n").encode()
+            line = '{"h":' + json.dumps(pending, separators=(",", ":"))
+            if self._pending_order is not None:
+                line += f',"o":[{self._pending_order[0]},{self._pending_order[1]}]'
+            data += (line + "}\n").encode()
         fd, temporary = tempfile.mkstemp(dir=folder, prefix=self._temporary_prefix(), suffix=".tmp")
         try:
             try:

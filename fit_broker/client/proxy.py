@@ -16,7 +16,7 @@ from fit_broker import units
 from fit_broker.errors import NoQuorum, ProtocolError, RequestFailed
 from fit_broker.ratelimit import RateLimitedLog, shorten
 from fit_broker.reconnect import reconnecting, retry_policy
-from fit_broker.units import Delivery, Reply, Request
+from fit_broker.units import Delivery, OrderedDelivery, Reply, Request
 from fit_broker.wire.codec import decode, encode_request
 from fit_broker.wire.framing import DEFAULT_MAX_FRAME, FrameDecoder
 
@@ -79,10 +79,10 @@ class ReplicaLink(Protocol):
                 if kind is Request:
                     raise _BadLink("request-from-replica", f"a {shorten(message.method, 40)!r} request")
                 if not self.ready:
-                    if kind is Delivery:
+                    if kind is Delivery or kind is OrderedDelivery:
                         raise _BadLink("delivery-before-hello", "a delivery before answering the hello")
                     self._hello_reply(message)
-                elif kind is Delivery:
+                elif kind is Delivery or kind is OrderedDelivery:
                     self.proxy.delivery_received(self.index, message)
                 else:
                     self.proxy.reply_received(self.index, message)
@@ -203,7 +203,8 @@ class ServiceProxy:
 
     @ivar on_link_up: callables taking a replica index, run when a link to
         that replica is (again) ready.
-    @ivar on_delivery: callable taking C{(replica index, Delivery)}.
+    @ivar on_delivery: callable taking C{(replica index, Delivery or
+        OrderedDelivery)}.
     """
 
     log = Logger()

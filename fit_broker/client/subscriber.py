@@ -10,16 +10,19 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from fit_broker import registry, units
-from fit_broker.errors import FitBrokerError
+from fit_broker.errors import FitBrokerError, RequestFailed
 from fit_broker.interfaces import IVoterFactory
+from fit_broker.sequencer import ORDERED_SCOPES, GlobalMerge, Lane, OrderedVoter
 from fit_broker.units import (
     BATCH_OVERHEAD,
     MAX_CREDIT_BYTES,
     MAX_CREDIT_EVENTS,
     DeliveredBatch,
+    OrderedDelivery,
     Request,
     batch_bytes,
     credit_cost,
+    entry_cost,
 )
 
 DEFAULT_CREDIT = 4000
@@ -52,6 +55,8 @@ class _Stream:
     __slots__ = ("tag", "callback", "batches", "unfinished", "window", "backlog", "outstanding", "owed",
                  "takeover", "record", "in_hand")
 
+    ordered = False
+
     def __init__(self, tag, callback, batches, takeover, record):
         self.tag = tag
         self.callback = callback
@@ -72,6 +77,31 @@ class _Stream:
         True while as many hand-overs as allowed wait for the application.
         """
         return self.unfinished >= self.window
+
+
+class _OrderedStream(_Stream):
+    """
+    A streamed ordered channel: also its lane of decided items waiting to
+    be handed over, and its scope (C{"channel"} or C{"global"}).
+    """
+
+    __slots__ = ("lane", "scope")
+
+    ordered = True
+
+    def __init__(self, tag, callback, batches, takeover, record, lane, scope):
+        super().__init__(tag, callback, batches, takeover, record)
+        self.lane = lane
+        self.scope = scope
+
+    @property
+    def busy(self):
+        """
+        True while the application has as many groups as allowed, or items
+        wait to be handed over: no credit goes back meanwhile, so what
+        waits stays within the credit given.
+        """
+        return self.unfinished >= self.window or bool(self.lane.items)
 
 
 class Subscriber:
@@ -96,6 +126,15 @@ class Subscriber:
     whichever voter the channel uses.  A SIGKILL between a hand-over and its
     record can repeat that one hand-over; the repeat is counted
     (C{repeated-after-crash}).
+
+    Channels whose QoS class has C{ordering = "channel"} or C{"global"} are
+    voted on by L{fit_broker.sequencer.OrderedVoter} (f+1 matching copies
+    under BFT, the first under CFT) and handed over in sequence order, each
+    event carrying its position and sequence number; global channels are
+    merged in log-position order (L{fit_broker.sequencer.GlobalMerge}).
+    Their delivery record also keeps the last C{(position, seq)}, where a
+    restart resumes, and entries are acknowledged only once handed over or
+    recorded as skipped.
     """
 
     log = Logger()
@@ -135,6 +174,7 @@ class Subscriber:
         self._acked_at = {}
         self._tick = None
         self._last_expiry = 0.0
+        self._merge = GlobalMerge()
         proxy.on_delivery = self._delivery
         proxy.on_link_up.append(self._link_up)
 
@@ -165,18 +205,28 @@ class Subscriber:
         if voter is None:
             spec = self.config.channels[tag]
             record = self.record(tag)
-            publishers = spec.publishers
-            voter = self.voters[tag] = registry.find(IVoterFactory, spec.voter)(
-                faults=self.config.faults,
-                scheme=self.schemes(spec.scheme),
-                keys=self.keys,
-                channel=tag,
-                replicas=len(self.config.replicas),
-                publishers=len(self.config.clients) if "*" in publishers else len(publishers),
-                memory=record.seen if record is not None else None,
-                max_ttl=spec.qos.ttl,
-                window=(self.credit, self.credit_bytes),
-            )
+            if spec.qos.ordering in ORDERED_SCOPES:
+                voter = self.voters[tag] = OrderedVoter(
+                    faults=self.config.faults,
+                    byzantine=spec.qop != "cft",
+                    window=(self.credit, self.credit_bytes),
+                    resume=record.last_order if record is not None else None,
+                    max_ttl=spec.qos.ttl,
+                    channel=tag,
+                )
+            else:
+                publishers = spec.publishers
+                voter = self.voters[tag] = registry.find(IVoterFactory, spec.voter)(
+                    faults=self.config.faults,
+                    scheme=self.schemes(spec.scheme),
+                    keys=self.keys,
+                    channel=tag,
+                    replicas=len(self.config.replicas),
+                    publishers=len(self.config.clients) if "*" in publishers else len(publishers),
+                    memory=record.seen if record is not None else None,
+                    max_ttl=spec.qos.ttl,
+                    window=(self.credit, self.credit_bytes),
+                )
             if self._tick is None:
                 self._tick = LoopingCall(self._on_tick)
                 self._tick.clock = self.clock
@@ -187,14 +237,21 @@ class Subscriber:
         now = self.clock.seconds()
         if now - self._last_expiry >= VOTER_EXPIRY_INTERVAL:
             self._last_expiry = now
-            for voter in self.voters.values():
-                voter.expire(now)
+            for tag, voter in list(self.voters.items()):
+                # ordered voters decide what waited on a batch that expired
+                expired = voter.expire(now)
+                if expired:
+                    self._ordered_ready(self._streams.get(tag), expired)
         for tag, voter in self.voters.items():
             wanted = voter.wanted(now)
             if wanted:
                 self._fetch(tag, wanted)
             if tag in self._streams:
                 self._settle(self._streams[tag])
+        for tag, stream in list(self._streams.items()):
+            if stream.ordered:
+                for index in self.voters[tag].take_reopen(now):
+                    self._reopen(stream, index)
 
     def stop(self):
         if self._tick is not None and self._tick.running:
@@ -208,7 +265,8 @@ class Subscriber:
             record.close()
         self.records.clear()
 
-    def subscribe(self, tag, callback=None, resume=True, batches=False, takeover=False):
+    def subscribe(self, tag, callback=None, resume=True, batches=False, takeover=False,
+                  from_position=None):
         """
         Subscribe to C{tag}.  With C{callback}, events are streamed to it in
         lists of L{Event}; if it returns a Deferred, no more events come
@@ -223,16 +281,43 @@ class Subscriber:
         @param takeover: replace another connection that streams this
             channel to the same client (a console whose old connection is
             half-open); without it, such a subscription is refused.
+        @param from_position: on an ordered channel, the log position to
+            start at instead of where the delivery record left off: entries
+            before it are acknowledged and not handed over.
         """
         try:
             spec = self._spec(tag)
-            self.voter(tag)
+            voter = self.voter(tag)
             record = self.record(tag)
+            scope = spec.qos.ordering if spec.qos.ordering in ORDERED_SCOPES else None
+            if scope is not None and callback is None:
+                raise RequestFailed(
+                    "bad-request",
+                    f"channel {tag!r} is ordered: subscribe with a callback (pulls are unordered)",
+                )
+            if from_position is not None:
+                if scope is None:
+                    raise RequestFailed(
+                        "bad-request",
+                        f"channel {tag!r} is not ordered: a start position needs an ordered channel",
+                    )
+                try:
+                    voter.start_from(from_position)
+                except ValueError as e:
+                    raise RequestFailed("bad-request", str(e)) from None
         except FitBrokerError:
             return fail()
         options = {"resume": bool(resume)}
         if callback is not None:
-            stream = self._streams[tag] = _Stream(tag, callback, batches, takeover, record)
+            if scope is None:
+                stream = self._streams[tag] = _Stream(tag, callback, batches, takeover, record)
+            else:
+                lane = Lane(tag, voter)
+                stream = self._streams[tag] = _OrderedStream(
+                    tag, callback, batches, takeover, record, lane, scope
+                )
+                if scope == "global":
+                    self._merge.add(lane)
             stream.window = self.window
             options.update(self._stream_options(stream))
             for index in range(len(self.config.replicas)):
@@ -243,12 +328,18 @@ class Subscriber:
         return self.proxy.invoke(request, quorum)
 
     def _stream_options(self, stream):
-        return {
+        options = {
             "stream": True,
             "credit": self.credit,
             "credit_bytes": self.credit_bytes,
             "takeover": stream.takeover,
         }
+        if stream.ordered:
+            # where this subscriber resumes: replicas need send nothing before it
+            position = self.voters[stream.tag].resume_position()
+            if position is not None:
+                options["from"] = position
+        return options
 
     def _reset_credit(self, stream, index):
         stream.outstanding[index] = [self.credit, self.credit_bytes]
@@ -256,6 +347,7 @@ class Subscriber:
 
     def unsubscribe(self, tag):
         self._streams.pop(tag, None)
+        self._merge.remove(tag)
         request = Request(self.proxy.next_seq(), units.UNSUBSCRIBE, tag)
         return self.proxy.invoke(request, self.config.acks_needed(tag), retry=False)
 
@@ -273,9 +365,15 @@ class Subscriber:
             )
 
     def _delivery(self, index, delivery):
+        if delivery.__class__ is OrderedDelivery:
+            self._ordered_delivery(index, delivery)
+            return
         stream = self._streams.get(delivery.channel)
         if stream is None:
             self.proxy.count("delivery-without-stream")
+            return
+        if stream.ordered:
+            self.count(f"unordered-delivery-on-ordered-channel:replica-{index}")
             return
         outstanding = stream.outstanding.get(index)
         if outstanding is None:
@@ -320,6 +418,206 @@ class Subscriber:
         self._decided(stream, decided)
         if voter.fetch_ready:
             self._fetch(stream.tag, voter.wanted(now))
+
+    # -- ordered channels ---------------------------------------------------
+
+    def _ordered_delivery(self, index, delivery):
+        """
+        Take entries and a watermark a replica pushed on an ordered channel:
+        entries use credit as batches do (a frame with only a watermark
+        uses none) and go to the voter; what it decided waits in the
+        stream's lane until it can be handed over in order.
+        """
+        stream = self._streams.get(delivery.channel)
+        if stream is None:
+            self.proxy.count("delivery-without-stream")
+            return
+        if not stream.ordered:
+            self.count(f"ordered-delivery-on-unordered-channel:replica-{index}")
+            return
+        outstanding = stream.outstanding.get(index)
+        if outstanding is None:
+            self.proxy.count(f"delivery-from-unknown-replica:{index}")
+            return
+        voter = self.voters[stream.tag]
+        now = self.clock.seconds()
+        items = ()
+        entries = accepted = delivery.entries
+        if entries:
+            accepted = []
+            costs = []
+            for entry in entries:
+                if outstanding[0] > 0 and outstanding[1] > 0:
+                    cost = entry_cost(entry[2], entry[3])
+                    outstanding[0] -= cost[0]
+                    outstanding[1] -= cost[1]
+                    accepted.append(entry)
+                    costs.append(cost)
+                else:
+                    self.count(f"over-credit:replica-{index}")
+            items = voter.offer(index, accepted, now, costs)
+        if len(accepted) == len(entries):
+            # a watermark says every entry up to it was sent, which is false
+            # of a frame cut short
+            voter.note_watermark(index, delivery.watermark)
+        self._ordered_ready(stream, items)
+        if voter.fetch_ready:
+            self._fetch(stream.tag, voter.wanted(now))
+
+    def _ordered_ready(self, stream, items):
+        """
+        Queue decided items in C{stream}'s lane and hand over what is in
+        order now (a watermark alone may let another global channel go).
+        """
+        if stream is None or not stream.ordered:
+            return
+        if items:
+            in_hand = stream.in_hand
+            for item in items:
+                for replica, key in item.acks:
+                    if replica is None:
+                        in_hand.add(key)
+            stream.lane.push(items)
+        self._pump(stream)
+        self._unsettled.add(stream)
+        self._end_turn_soon()
+
+    def _pump(self, stream):
+        """
+        Hand over or skip, in order, what can go now: C{stream}'s lane, or
+        with global scope every global lane in log-position order.
+        """
+        if stream.scope == "global":
+            streams = self._streams
+
+            def busy(tag):
+                other = streams[tag]
+                return other.unfinished >= other.window
+
+            while True:
+                group = self._merge.next_group(busy)
+                if group is None:
+                    return
+                self._handle(streams[group[0]], group[1])
+        else:
+            lane = stream.lane
+            while stream.unfinished < stream.window:
+                items = lane.next_group()
+                if not items:
+                    return
+                self._handle(stream, items)
+
+    def _handle(self, stream, items):
+        self._unsettled.add(stream)
+        if items[0].batch is not None:
+            self._hand_over_ordered(stream, items)
+            return
+        # skipped numbers: recorded, then acknowledged, so a restart resumes after them
+        last = items[-1]
+        if stream.record is not None:
+            try:
+                stream.record.skipped(last.position, last.end - 1)
+            except FitBrokerError as e:
+                self.count("unrecorded")
+                self.log.warn("cannot record skips of {tag}: {why}", tag=stream.tag, why=e)
+        self._ordered_handed(stream, items)
+
+    def _hand_over_ordered(self, stream, items):
+        record = stream.record
+        batches = [item.batch for item in items]
+        if record is not None:
+            for batch in batches:
+                if record.was_maybe_repeated((batch[0], batch[1])):
+                    self.count("repeated-after-crash")
+            try:
+                record.handing(
+                    [(batch[0], batch[1], batch[4]) for batch in batches],
+                    order=(items[-1].position, items[-1].seq),
+                )
+            except FitBrokerError as e:
+                self.count("unrecorded")
+                self.log.warn("cannot record deliveries of {tag}: {why}", tag=stream.tag, why=e)
+        try:
+            opened = self._open_ordered(stream.tag, items)
+            if not stream.batches:
+                opened = [event for batch in opened for event in batch.events()]
+            result = stream.callback(opened)
+        except Exception:
+            self.log.failure("the application failed on events of {tag}", tag=stream.tag)
+            result = None
+        if not isinstance(result, Deferred):
+            self._ordered_handed(stream, items)
+            return
+        stream.unfinished += 1
+
+        def done(_):
+            stream.unfinished -= 1
+            self._ordered_handed(stream, items)
+            if self._streams.get(stream.tag) is stream:
+                self._pump(stream)
+            self._unsettled.add(stream)
+            self._end_turn_soon()
+
+        result.addErrback(self._callback_failed, stream.tag)
+        result.addBoth(done)
+
+    def _ordered_handed(self, stream, items):
+        """
+        Acknowledge handled items: keys f+1 replicas sent to every replica
+        (and record the hand-over), the others to their senders.
+        """
+        everyone = []
+        for item in items:
+            for replica, key in item.acks:
+                if replica is None:
+                    everyone.append(key)
+                else:
+                    self._ack(stream.tag, (key,), replica)
+        self._handed(stream, everyone)
+
+    def _open_ordered(self, tag, items):
+        scheme = self.schemes(self.config.channels[tag].scheme)
+        keys = self.keys
+        opened = []
+        for item in items:
+            batch = item.batch
+            try:
+                contents = scheme.open(keys, tag, batch)
+            except ValueError as e:
+                self.proxy.count(f"unopenable:{tag}")
+                self.log.warn(
+                    "cannot open a batch of {publisher} on {tag}: {why}",
+                    publisher=batch[0], tag=tag, why=e,
+                )
+                continue
+            opened.append(DeliveredBatch(*batch[:5], contents, position=item.position, seq=item.seq))
+        return opened
+
+    def _reopen(self, stream, index):
+        """
+        Ask replica C{index} to stream C{stream}'s channel afresh, sending
+        again what was not acknowledged: the voter dropped copies of its
+        that are needed now.  Its frames before the answer belong to the old
+        stream, so its copies and credit start over only then; meanwhile no
+        credit goes to it.
+        """
+        if index not in self.proxy.links:
+            return
+        tag = stream.tag
+        stream.outstanding[index] = [float("inf"), float("inf")]
+
+        def reopened(replica, reply):
+            if self._streams.get(tag) is stream and replica == index:
+                self.voters[tag].forget_replica(index)
+                self._collect(stream)
+                self._reset_credit(stream, index)
+
+        request = Request(
+            self.proxy.next_seq(), units.SUBSCRIBE, tag,
+            options={"resume": True, **self._stream_options(stream)},
+        )
+        d = self.proxy.invoke(request, 1, timeout=10.0, retry=False, observe=reopened, only=(index,))
+        d.addErrback(lambda _: None)
 
     def _decided(self, stream, decided):
         if decided:
@@ -550,9 +848,11 @@ class Subscriber:
                 return
             decided = voter.offer_fetched(index, reply.batches, self.clock.seconds())
             stream = self._streams.get(tag)
-            if stream is not None:
+            if stream is not None and stream.ordered:
+                self._ordered_ready(stream, decided)
+            elif stream is not None:
                 self._decided(stream, decided)
-            else:
+            elif not isinstance(voter, OrderedVoter):
                 self._pulled.setdefault(tag, []).extend(decided)
 
         return observe
@@ -586,7 +886,11 @@ class Subscriber:
         Pull up to C{count} events of C{tag} (after L{subscribe} without a callback).
         """
         try:
-            self._spec(tag)
+            if self._spec(tag).qos.ordering in ORDERED_SCOPES:
+                raise RequestFailed(
+                    "bad-request",
+                    f"channel {tag!r} is ordered: subscribe with a callback (pulls are unordered)",
+                )
             voter = self.voter(tag)
         except FitBrokerError:
             return fail()
