@@ -21,6 +21,7 @@ from fit_broker.units import (
     MAX_CREDIT_EVENTS,
     batch_bytes,
     digest_form,
+    entry_cost,
     payload_count,
 )
 
@@ -371,13 +372,8 @@ class OrderedQueue:
             ref = entry[REF]
             if not entry[NOTE] and not ref[6] + ref[7] > now:
                 self._bury(entry, EXPIRED)
-            if entry[NOTE]:
-                batch = ref_header(ref)
-                cost = 1
-            else:
-                batch = form(ref)
-                cost = payload_count(batch[5]) or 1
-            size = len(batch[5]) + len(batch[6]) + BATCH_OVERHEAD
+            batch = ref_header(ref) if entry[NOTE] else form(ref)
+            cost, size = entry_cost(batch, entry[NOTE])
             if taken and (events + cost > max_events or nbytes + size > max_bytes):
                 break
             entries.popleft()
@@ -549,9 +545,9 @@ class OrderedStream:
             min(self.events, max_events), min(self.bytes, max_bytes), now, self.form
         )
         for entry in entries:
-            batch = entry[2]
-            self.events -= payload_count(batch[5]) or 1
-            self.bytes -= len(batch[5]) + len(batch[6]) + BATCH_OVERHEAD
+            events, nbytes = entry_cost(entry[2], entry[3])
+            self.events -= events
+            self.bytes -= nbytes
         return entries
 
 
