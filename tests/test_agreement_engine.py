@@ -684,3 +684,14 @@ def test_status_heartbeat_lets_an_idle_laggard_catch_up():
     c.block = None
     c.advance(3.0)
     assert c.values_at(3) == values(2)
+
+
+def test_recovering_replica_ignores_unproven_claims_of_progress():
+    """A peer claiming a far later decision it does not prove cannot hold a restarted replica passive."""
+    c = Cluster()
+    node = c.make(1, recovering=True)
+    node.receive(0, M.encode_state_reply(1000, False, None, (), None), 0.0)
+    assert 0 not in node._recovery_lasts
+    for peer in (0, 2, 3):
+        node.receive(peer, M.encode_state_reply(0, False, None, (), None), 0.0)
+    assert node._recovery_target == 2

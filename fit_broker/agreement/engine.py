@@ -964,7 +964,10 @@ class Orderer:
         self._decided.append(Decided(instance, timestamp, values))
         if instance % self._interval == 0:
             self._checkpoints.append(instance)
-            self._own_checkpoints[instance] = [self._chain, None, None]
+            own = self._own_checkpoints
+            own[instance] = [self._chain, None, None]
+            while len(own) > CHECKPOINT_VOTES_PER_PEER:
+                del own[min(own)]
         if regency > self._regency:
             # A decision certificate of a later regency: that regency was
             # installed and synchronised by a quorum, so join it.
@@ -1402,11 +1405,6 @@ class Orderer:
     def _on_state_reply(self, sender, m, raw, now):
         _, last, recovering, checkpoint, entries, history = m
         self._hint(sender, last)
-        if self._recovering and not recovering and self._recovery_target is None:
-            self._recovery_lasts[sender] = max(last, self._recovery_lasts.get(sender, 0))
-            if len(self._recovery_lasts) >= self._q:
-                self._recovery_target = max(self._recovery_lasts.values()) + 2
-                self._changed = True
         if checkpoint is not None and checkpoint[0] > self._last:
             instance, chain, state, certificate = checkpoint
             digest = M.checkpoint_digest(instance, chain, _sha256(state).digest())
@@ -1439,6 +1437,12 @@ class Orderer:
             progressed = True
         if progressed:
             self._count("state_entries", len(entries))
+        if self._recovering and not recovering and self._recovery_target is None and last <= self._last:
+            # a claim counts once this replica decided up to it, so a liar cannot inflate it
+            self._recovery_lasts[sender] = max(last, self._recovery_lasts.get(sender, 0))
+            if len(self._recovery_lasts) >= self._q:
+                self._recovery_target = max(self._recovery_lasts.values()) + 2
+                self._changed = True
         if last > self._last and (progressed or checkpoint is not None):
             self._transfer_at = None
 
