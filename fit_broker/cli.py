@@ -234,14 +234,53 @@ def _load(args):
 
 
 def _check_channel(config, tag, may, what):
+    """
+    Return the spec of channel C{tag} if this client may use it; C{None}
+    when the file does not name it but administrators may have created it
+    since (L{_learn_channels} asks the cluster once connected).
+    """
     spec = config.channel(tag)
     if spec is None:
+        if config.admins:
+            return None
         raise CommandError(
             f"{config.path}: no channel {tag!r}; channels: {', '.join(sorted(config.channels))}"
         )
     if not may(spec):
         raise CommandError(f"{config.path}: the control table does not let this client {what} {tag!r}")
     return spec
+
+
+async def _learn_channels(session, config, tags, may, what):
+    """
+    Learn the channels in C{tags} that the file does not name from the
+    control table f+1 replicas describe alike (created at run time).
+    """
+    from fit_broker.client.admin import Administrator, table_channels
+
+    unknown = [tag for tag in tags if config.channel(tag) is None]
+    if not unknown:
+        return
+    try:
+        info = await Administrator(session.proxy, None).table()
+    except FitBrokerError as e:
+        session.stop()
+        raise CommandError(
+            f"{config.path}: no channel {unknown[0]!r}, and the cluster's control table could not be read: {e}"
+        ) from None
+    learned = table_channels(config, info)
+    for tag in unknown:
+        spec = learned.get(tag)
+        if spec is None:
+            session.stop()
+            raise CommandError(
+                f"no channel {tag!r} in {config.path} nor in the cluster's control table "
+                f"(version {info.get('version')})"
+            )
+        if not may(spec):
+            session.stop()
+            raise CommandError(f"the cluster's control table does not let this client {what} {tag!r}")
+        config.channels[tag] = spec
 
 
 async def _connect(reactor, config, client, **options):
@@ -293,8 +332,10 @@ async def _publish(reactor, args):
             f"--ttl: expected 0 (the channel's TTL) or a positive number of seconds, found {args.ttl:g}"
         )
     config, client = _load(args)
-    _check_channel(config, args.channel, lambda s: s.may_publish(client), "publish to")
+    may = lambda s: s.may_publish(client)  # noqa: E731
+    _check_channel(config, args.channel, may, "publish to")
     session = await _connect(reactor, config, client)
+    await _learn_channels(session, config, [args.channel], may, "publish to")
     publisher = session.publisher
     total = skipped = 0
     try:
@@ -481,7 +522,10 @@ def _check_from(config, args):
         raise CommandError(f"--from: expected a log position (1 or more), found {args.from_position}")
     if args.skip_backlog:
         raise CommandError("--from and --skip-backlog contradict each other; use one")
-    unordered = [tag for tag in args.channels if config.channel(tag).qos.ordering not in ORDERED_SCOPES]
+    unordered = [
+        tag for tag in args.channels
+        if config.channel(tag) is not None and config.channel(tag).qos.ordering not in ORDERED_SCOPES
+    ]
     if unordered:
         raise CommandError(
             f"--from: not an ordered channel: {', '.join(unordered)}; log positions exist only on "
@@ -495,13 +539,20 @@ async def _tail(reactor, args):
     from fit_broker.errors import RequestFailed
 
     config, client = _load(args)
+    may = lambda s: s.may_subscribe(client)  # noqa: E731
     for tag in args.channels:
-        _check_channel(config, tag, lambda s: s.may_subscribe(client), "subscribe to")
+        _check_channel(config, tag, may, "subscribe to")
     if args.count is not None and args.count < 1:
         raise CommandError("--count: expected a positive number")
     _check_from(config, args)
     state_dir = _state_dir(args, config, client)
     session = await _connect(reactor, config, client, state_dir=state_dir)
+    await _learn_channels(session, config, args.channels, may, "subscribe to")
+    try:
+        _check_from(config, args)
+    except CommandError:
+        session.stop()
+        raise
     finished = Deferred()
     printed = [0]
     out = sys.stdout

@@ -26,6 +26,10 @@ CLASSES = {
         "urgency_levels": 4, "ordering": "none", "capacity": 50000, "ttl": 3600,
         "overflow": "drop-oldest",
     },
+    "ordered": {
+        "urgency_levels": 1, "ordering": "global", "capacity": 50000, "ttl": 3600,
+        "overflow": "drop-oldest",
+    },
 }
 
 
@@ -42,6 +46,7 @@ def sample_channels(clients, syslog_client=None):
         ("sealed", "Signed events encrypted for subscribers", "standard", "bft", "pke", everyone, everyone),
         ("alerts", "IDS alerts", "alarm", "bft", "ha", everyone, everyone),
         ("health", "Health checks, crash-tolerant only", "standard", "cft", "si", everyone, everyone),
+        ("audit", "Audit trail, in one order at every console", "ordered", "bft", "ha", everyone, everyone),
     ]
     if syslog_client is not None:
         rows.append(

@@ -323,3 +323,19 @@ def test_table_changes_are_refused_with_one_line_when_no_log_runs():
     a.table_problem = "the replicas run no ordering protocol"
     reply = a.handle("ops", _admin_request(rings, {"op": "remove-channel", "tag": "events"}), NOW, "x")
     assert reply.status == "refused" and "no ordering protocol" in reply.text and "\n" not in reply.text
+
+
+def test_clients_learn_run_time_channels_from_the_table_replicas_describe():
+    """A channel created at run time becomes a ChannelSpec a client can use, with its file's classes."""
+    from fit_broker.client.admin import table_channels
+
+    (a, b), rings = _admin_machines()
+    a.handle("ops", _admin_request(rings, {"op": "create-channel", "tag": "audit", "class": "ordered",
+                                           "publishers": ["probe"], "subscribers": ["console"]}), NOW, "adm")
+    Log(a).decide(a.take_proposals())
+    info = a.handle("console", Request(8, "table"), NOW).info
+    learned = table_channels(a.config, info)
+    spec = learned["audit"]
+    assert spec.may_publish("probe") and spec.may_subscribe("console") and not spec.may_publish("console")
+    assert spec.qos.ordering == "channel" and spec == a.channels["audit"].spec
+    assert table_channels(a.config, {"table": {"channels": {"x": {"class": "missing"}}}}) == {}

@@ -182,3 +182,27 @@ class Administrator:
         d = proxy.invoke(request, quorum, timeout=timeout, observe=observe)
         d.addCallbacks(quorum_met, lambda failure: finish(failure, fail=True))
         return result
+
+
+def table_channels(config, info):
+    """
+    Return C{tag -> ChannelSpec} for the channels of a control table as
+    L{Administrator.table} gives it, with the QoS classes of C{config}
+    (channels of a class this file lacks are left out).
+    """
+    from fit_broker.config import ChannelSpec
+
+    channels = {}
+    rows = info.get("table", {}).get("channels", {}) if isinstance(info, dict) else {}
+    for tag, row in rows.items():
+        try:
+            qos = config.classes.get(row["class"])
+            if qos is None:
+                continue
+            channels[tag] = ChannelSpec(
+                tag, row["topic"], qos, row["qop"], row["scheme"], row["voter"],
+                frozenset(row["publishers"]), frozenset(row["subscribers"]),
+            )
+        except (KeyError, TypeError):
+            continue
+    return channels
