@@ -648,6 +648,15 @@ def replica_status(info, sent=None, received=None):
             + counters.get("expired-on-arrival", 0),
         }
     row["channels"] = channels
+    agreement = info.get("agreement")
+    if isinstance(agreement, dict):
+        row["agreement"] = {
+            key: agreement.get(key)
+            for key in ("leader", "regency", "decided", "stable_checkpoint", "position")
+        }
+    table = info.get("table")
+    if isinstance(table, dict):
+        row["table"] = table.get("version")
     return row
 
 
@@ -702,10 +711,24 @@ def status_table(statuses):
             channels.append(
                 (tag, name, *(str(counts[k]) for k in ("in", "out", "waiting", "discards")))
             )
+    agreement = [("REPLICA", "LEADER", "REGENCY", "DECIDED", "CHECKPOINT", "POSITION", "TABLE")]
+    for name, row in statuses.items():
+        if row.get("up") and row.get("agreement"):
+            a = row["agreement"]
+            agreement.append(
+                (name, *(_shown(a.get(k)) for k in ("leader", "regency", "decided", "stable_checkpoint", "position")),
+                 _shown(row.get("table")))
+            )
     lines = _columns(replicas)
+    if len(agreement) > 1:
+        lines += [""] + _columns(agreement)
     if len(channels) > 1:
         lines += [""] + _columns(channels)
     return "\n".join(lines)
+
+
+def _shown(value):
+    return "-" if value is None else str(value)
 
 
 async def _settled(reactor, proxy, timeout):

@@ -89,3 +89,18 @@ def test_status_table_and_json_against_processes(tmp_path):
         assert info["replica-0"]["now"] >= info["replica-0"]["started"]
     finally:
         replicas.stop_all()
+
+
+def test_status_shows_each_replicas_agreement_and_table_version():
+    """Administrators see each replica's leader, regency, decided instance, checkpoint, position and table version."""
+    from fit_broker.cli import replica_status, status_table
+
+    info = {
+        "now": 10.0, "started": 5.0, "channels": {},
+        "agreement": {"leader": 1, "regency": 1, "decided": 70, "stable_checkpoint": 64, "position": 90},
+        "table": {"version": 3},
+    }
+    text = status_table({"replica-0": replica_status(info), "replica-1": replica_status(None)})
+    line = [row for row in text.splitlines() if row.startswith("replica-0") and " 70 " in row]
+    assert line and line[0].split() == ["replica-0", "1", "1", "70", "64", "90", "3"]
+    assert "LEADER" in text
