@@ -145,7 +145,8 @@ def cluster_toml(
     Return the text of a cluster file.
 
     @param channels: C{(tag, topic, class, qop, scheme, publishers,
-        subscribers)} rows, as L{sample_channels} returns.
+        subscribers)} rows, as L{sample_channels} returns, each perhaps with
+        a voter name last.
     @param keys_dir: the folder of the cluster's keys, or C{None} for a
         cluster without keys (no channel may then use a scheme that needs
         them).
@@ -186,7 +187,7 @@ def cluster_toml(
         lines.append(f"[classes.{class_name}]")
         lines += [f"{key} = {_toml_value(value)}" for key, value in keys.items()]
         lines.append("")
-    for tag, topic, qos, qop, scheme, publishers, subscribers in channels:
+    for tag, topic, qos, qop, scheme, publishers, subscribers, *voter in channels:
         lines += [
             "[[channels]]",
             f'tag = "{tag}"',
@@ -194,6 +195,7 @@ def cluster_toml(
             f'class = "{qos}"',
             f'qop = "{qop}"',
             f'scheme = "{scheme}"',
+            *(f'voter = "{v}"' for v in voter if v),
             f"publishers = {_quote_list(publishers)}",
             f"subscribers = {_quote_list(subscribers)}",
             "",

@@ -3,6 +3,8 @@ A whole cluster in one process: replicas and clients joined by in-memory
 transports, driven by a fake clock.  Deterministic and fast.
 """
 
+import tomllib
+
 from twisted.internet.defer import fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -17,6 +19,7 @@ from fit_broker.interfaces import IOrderingFactory
 from fit_broker.replica.replicated_log import validate
 from fit_broker.keys import generate_keyrings, replica_identity
 from fit_broker.config import parse_config
+from fit_broker.init import cluster_toml
 from fit_broker.replica.protocol import ReplicaProtocol
 from fit_broker.replica.service import AGREEMENT_TICK, Replica, runs_orderer
 from fit_broker.schemes.registry import scheme_lookup
@@ -28,31 +31,16 @@ def cluster_config(
     scheme="si", voter=None, keys_dir=None, **qos
 ):
     """
-    Return a L{ClusterConfig} for tests: C{channels} each with class C{qos}.
+    Return a L{ClusterConfig} for tests: C{channels} each with class C{qos},
+    written by L{cluster_toml} as C{fitbroker init} would.
     """
-    data = {
-        "cluster": {"name": "sim", "faults": faults, "default_client": clients[0],
-                    **({"keys_dir": keys_dir} if keys_dir else {})},
-        "replicas": [
-            {"listen": f"tcp:{7600 + i}", "connect": f"tcp:127.0.0.1:{7600 + i}"}
-            for i in range(replicas)
-        ],
-        "clients": {name: {} for name in clients},
-        "classes": {"test": dict({"capacity": 1000, "ttl": 60}, **qos)},
-        "channels": [
-            {
-                "tag": tag,
-                "class": "test",
-                "qop": qop,
-                "scheme": scheme,
-                **({"voter": voter} if voter else {}),
-                "publishers": list(clients),
-                "subscribers": list(clients),
-            }
-            for tag in channels
-        ],
-    }
-    return parse_config("<sim>", data)
+    text = cluster_toml(
+        "sim", faults, [7600 + i for i in range(replicas)], list(clients),
+        [(tag, tag, "test", qop, scheme, clients, clients, voter) for tag in channels],
+        keys_dir=keys_dir, tls=False, admins=[],
+        classes={"test": dict({"capacity": 1000, "ttl": 60}, **qos)},
+    )
+    return parse_config("<sim>", tomllib.loads(text))
 
 
 @implementer(IStreamClientEndpoint)
@@ -111,6 +99,7 @@ class SimNet:
         self.down = set()
         self.paused = set()
         self.peer_delay = 0.0
+        self.restarted = set()
         self.held = []
         self.cryptos = crypto_generate(len(config.replicas)) if runs_orderer(config) else None
         self.replicas = [self._replica(i) for i in range(len(config.replicas))]
@@ -131,7 +120,8 @@ class SimNet:
             factory = registry.find(IOrderingFactory, self.config.orderer)
             orderer = factory(
                 index, len(self.config.replicas), self.config.faults, self.cryptos[index],
-                validate=validate, clock_skew=self.config.max_clock_skew, **self.orderer_options,
+                validate=validate, clock_skew=self.config.max_clock_skew,
+                recovering=index in self.restarted, **self.orderer_options,
             )
             replica.attach_log(orderer, lambda to, kind, body: self._peer_send(index, to, kind, body))
         return replica
@@ -223,7 +213,8 @@ class SimNet:
                 pump.pump(advanceClock=False)
                 self.pumps.remove((i, pump))
         self.paused.discard(index)
-        # a restarted replica remembers nothing of memory channels
+        # a restarted replica remembers nothing of memory channels, nor its votes
+        self.restarted.add(index)
         self.replicas[index] = self._replica(index)
 
     def restart(self, index):

@@ -4,6 +4,8 @@ the same application of decided entries at every replica, tombstones for
 gaps, and replies that wait for the log.
 """
 
+import tomllib
+
 import attrs
 import pytest
 
@@ -19,6 +21,7 @@ from fit_broker.broker.ordered import (
 from fit_broker.schemes.registry import scheme_lookup
 from fit_broker.units import Request, batch_digest, pack_contents
 from fit_broker.config import parse_config
+from fit_broker.init import cluster_toml
 
 NOW = 1_800_000_000.0
 
@@ -33,20 +36,17 @@ class Decided:
 def machine(index=0, **qos):
     """A replica's state machine for channel 'events' (ordered) and 'plain' (not)."""
     clients = ("probe", "console")
-    data = {
-        "cluster": {"name": "sim", "faults": 1, "keys_dir": "keys"},
-        "replicas": [{"listen": f"tcp:{7600 + i}", "connect": f"tcp:127.0.0.1:{7600 + i}"} for i in range(4)],
-        "clients": {name: {} for name in clients},
-        "classes": {
+    text = cluster_toml(
+        "sim", 1, [7600 + i for i in range(4)], clients,
+        [("events", "events", "ordered", "cft", "si", clients, clients),
+         ("plain", "plain", "plain", "cft", "si", clients, clients)],
+        keys_dir="keys", tls=False, admins=[],
+        classes={
             "ordered": dict({"capacity": 1000, "ttl": 60, "ordering": "channel"}, **qos),
             "plain": {"capacity": 1000, "ttl": 60},
         },
-        "channels": [
-            {"tag": tag, "class": cls, "publishers": list(clients), "subscribers": list(clients)}
-            for tag, cls in (("events", "ordered"), ("plain", "plain"))
-        ],
-    }
-    c = parse_config("<sim>", data)
+    )
+    c = parse_config("<sim>", tomllib.loads(text))
     return BrokerStateMachine(c, scheme_lookup(c), replica_index=index)
 
 
@@ -248,14 +248,13 @@ def _admin_machines(count=2):
     from fit_broker.keys import generate_keyrings
 
     clients = ("ops", "probe", "console")
-    data = {
-        "cluster": {"name": "sim", "faults": 1, "keys_dir": "keys", "admins": ["ops"]},
-        "replicas": [{"listen": f"tcp:{7600 + i}", "connect": f"tcp:127.0.0.1:{7600 + i}"} for i in range(4)],
-        "clients": {name: {} for name in clients},
-        "classes": {"ordered": {"ordering": "channel"}},
-        "channels": [{"tag": "events", "class": "ordered", "publishers": ["probe"], "subscribers": ["console"]}],
-    }
-    c = parse_config("<sim>", data)
+    text = cluster_toml(
+        "sim", 1, [7600 + i for i in range(4)], clients,
+        [("events", "events", "ordered", "cft", "si", ["probe"], ["console"])],
+        keys_dir="keys", tls=False, admins=["ops"],
+        classes={"ordered": {"ordering": "channel"}},
+    )
+    c = parse_config("<sim>", tomllib.loads(text))
     rings = generate_keyrings(4, list(clients), {"events": ["probe", "console"]})
     machines = []
     for i in range(count):

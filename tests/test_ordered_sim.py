@@ -201,3 +201,41 @@ def test_random_crashes_and_pauses_never_split_the_order(qop, seed):
         assert ids <= {e.event_id for e in got1[tag]}, replay
     snapshots = {r.broker.state_snapshot() for r in net.replicas}
     assert len(snapshots) == 1, replay
+
+
+def test_a_whole_cluster_restarted_without_memory_orders_again():
+    """Every replica killed and restarted (ordering state in memory only): none holds a vote any more, so they start the log afresh instead of waiting for each other."""
+    net = _net()
+    publisher = net.client("probe")
+    first = _publish(net, publisher, [b"before"])
+    net.run(seconds=1)
+    assert first.called
+    for index in range(4):
+        net.kill(index)
+    for index in range(4):
+        net.restart(index)
+    again = _publish(net, publisher, [b"after"])
+    net.run(seconds=20)
+    assert again.called
+    assert all(r.replicated_log.orderer.status()["recovering"] is False for r in net.replicas)
+
+
+def test_one_restarted_replica_waits_to_vote_until_it_caught_up():
+    """A replica restarted alone votes again only once the log moved two instances past what its peers had decided, and the cluster goes on meanwhile."""
+    net = _net()
+    publisher = net.client("probe")
+    for i in range(3):
+        _publish(net, publisher, [b"e%d" % i])
+        net.run(seconds=0.2)
+    net.kill(2)
+    net.restart(2)
+    assert net.replicas[2].replicated_log.orderer.status()["recovering"] is True
+    later = []
+    for i in range(4):
+        later.append(_publish(net, publisher, [b"later%d" % i]))
+        net.run(seconds=1)
+    net.run(seconds=5)
+    assert all(d.called for d in later)
+    status = net.replicas[2].replicated_log.orderer.status()
+    assert status["recovering"] is False
+    assert len({r.broker.state.position for r in net.replicas}) == 1

@@ -60,3 +60,17 @@ def test_installed_wheel_is_found_by_twistd(wheel, tmp_path):
     assert result.returncode == 0, result.stderr.decode()
     assert "'fitbroker'" in result.stdout.decode()
     assert "['f-plus-one', 'first-copy', 'signature']" in result.stdout.decode()
+
+
+def test_wheel_holds_every_module_of_the_package(wheel):
+    """Every module under fit_broker/ in the tree is in the wheel, so no package is left out of pyproject's list."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    package = os.path.join(ROOT, "fit_broker")
+    missing = []
+    for folder, _, files in os.walk(package):
+        for name in files:
+            if name.endswith(".py"):
+                relative = os.path.relpath(os.path.join(folder, name), ROOT).replace(os.sep, "/")
+                if relative not in names:
+                    missing.append(relative)
+    assert missing == []

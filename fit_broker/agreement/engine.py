@@ -61,7 +61,10 @@ Deviations from the paper, all decided for this implementation:
    last decided instance L and it has caught up past the highest L + 2:
    it may have voted up to there and forgotten what, which would break even
    the crash-tolerant variant (Viewstamped Replication's recovery rule, in
-   Mod-SMaRt's terms).
+   Mod-SMaRt's terms).  When every other replica reports that it restarted
+   without memory too, at instance 0, nobody holds a vote any more and the
+   log starts afresh (a whole cluster restarted, its ordering state in
+   memory only).
  - Decided values' keys are remembered for C{pool_limit_values} keys, and a
    checkpoint transferred to a lagging replica comes with the keys decided
    before it (checked against the checkpoint's certified hash chain, which
@@ -265,6 +268,7 @@ class Orderer:
         self._recovering = bool(recovering)
         self._recovery_lasts = {}  # peer -> the last decided instance it reported
         self._recovery_target = None
+        self._amnesiac = set()  # peers that report they restarted without memory, at instance 0
 
         # peers
         self._peer_last = [0] * n
@@ -1437,6 +1441,15 @@ class Orderer:
             progressed = True
         if progressed:
             self._count("state_entries", len(entries))
+        if self._recovering and recovering and last == 0 and self._last == 0 and self._stable is None:
+            # every replica restarted without memory: nobody holds a vote or a
+            # decision any more, so the log starts afresh (with fewer than all
+            # of them, one that kept its memory may hold what was decided)
+            self._amnesiac.add(sender)
+            if len(self._amnesiac) >= self.replicas - 1:
+                self._recovering = False
+                self._count("recovered_all_restarted")
+                self._changed = True
         if self._recovering and not recovering and self._recovery_target is None and last <= self._last:
             # a claim counts once this replica decided up to it, so a liar cannot inflate it
             self._recovery_lasts[sender] = max(last, self._recovery_lasts.get(sender, 0))

@@ -168,11 +168,10 @@ class DeliveryRecord:
         C{$XDG_STATE_HOME/fitbroker/<cluster>/<client>/<channel>.delivered},
         under C{~/.local/state} when XDG_STATE_HOME is unset or relative.
         """
-        base = os.environ.get("XDG_STATE_HOME", "")
-        if not os.path.isabs(base):
-            base = os.path.join(os.path.expanduser("~"), ".local", "state")
+        from fit_broker.state_home import state_home
+
         return os.path.join(
-            base, "fitbroker", safe_name(cluster_name), safe_name(client), safe_name(channel) + ".delivered"
+            state_home(), safe_name(cluster_name), safe_name(client), safe_name(channel) + ".delivered"
         )
 
     @classmethod

@@ -2,6 +2,7 @@
 A replica as a Twisted service: the broker state machine behind a listening endpoint.
 """
 
+import os
 import resource
 
 from twisted.application.internet import TimerService
@@ -399,7 +400,9 @@ def make_replica_service(
         metrics_service(metrics, reactor, lambda: replica_families(replica)).setServiceParent(top)
     top.replica = replica
     top.peers = replica.peers = None
-    orderer = make_orderer(config, index, keys) if runs_orderer(config, keys) else None
+    orderer = None
+    if runs_orderer(config, keys):
+        orderer = make_orderer(config, index, keys, recovering=started_before(config, index))
     if orderer is None:
         replica.broker.table_problem = config.orderer_problem or (
             "the replicas run no ordering protocol: name administrators in [cluster] admins "
@@ -447,7 +450,31 @@ def runs_orderer(config, keys=None):
     ).byzantine
 
 
-def make_orderer(config, index, keys):
+def started_before(config, index):
+    """
+    Return whether replica C{index} of this cluster file ran on this host
+    before, and note that it has now.  A replica that ran before may have
+    voted and forgotten (its ordering state is in memory), so its protocol
+    starts recovering; one that cannot tell is assumed to have.
+    """
+    import hashlib
+
+    from fit_broker.state_home import state_home
+
+    digest = hashlib.sha256(os.path.abspath(config.path).encode()).hexdigest()[:16]
+    folder = os.path.join(state_home(), "replicas")
+    marker = os.path.join(folder, f"{digest}-replica-{index}.started")
+    existed = os.path.exists(marker)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(marker, "a"):
+            pass
+    except OSError:
+        return True
+    return existed
+
+
+def make_orderer(config, index, keys, recovering=False):
     """
     Return replica C{index}'s ordering protocol, signing with its key when
     the protocol is Byzantine.
@@ -467,5 +494,5 @@ def make_orderer(config, index, keys):
         )
     return factory(
         index, len(config.replicas), config.faults, crypto,
-        validate=validate, clock_skew=config.max_clock_skew,
+        validate=validate, clock_skew=config.max_clock_skew, recovering=recovering,
     )
