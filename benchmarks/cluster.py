@@ -23,6 +23,14 @@ PUBLISHER = "probe"
 SUBSCRIBER = "console"
 
 
+def subscriber_names(count):
+    """
+    The client names of C{count} subscribers: L{SUBSCRIBER}, then
+    C{console-2}, C{console-3}...
+    """
+    return [SUBSCRIBER] + [f"{SUBSCRIBER}-{i}" for i in range(2, count + 1)]
+
+
 @attrs.frozen
 class Mode:
     """
@@ -36,8 +44,14 @@ class Mode:
     ordering: str = "none"
 
     @property
+    def ordered(self):
+        return self.ordering != "none"
+
+    @property
     def needs_keys(self):
-        return self.scheme != "si"
+        # Ordered channels need the replicas' link (MAC) keys, and BFT ones
+        # their signing keys, whatever the channel's protection scheme.
+        return self.scheme != "si" or self.ordered
 
 
 MODES = {
@@ -45,7 +59,12 @@ MODES = {
     "bft-ha": Mode(qop="bft", scheme="ha"),
     "bft-pks": Mode(qop="bft", scheme="pks"),
     "bft-pke": Mode(qop="bft", scheme="pke"),
+    # Ordered channels go through the replicated log: Multi-Paxos when every
+    # channel is CFT, Mod-SMaRt when one is BFT ([cluster] orderer = "auto").
+    # Multi-Paxos needs n >= 2f+1, so the 4 replicas (f=1) of every mode do.
+    "cft-ordered": Mode(qop="cft", scheme="si", ordering="channel"),
     "bft-ordered": Mode(qop="bft", scheme="ha", ordering="channel"),
+    "bft-ordered-global": Mode(qop="bft", scheme="ha", ordering="global"),
 }
 
 
@@ -123,14 +142,39 @@ def resident_kib(pid):
     return values.get("VmRSS"), values.get("VmHWM")
 
 
-def cluster_toml(ports, tags, mode, faults=1, capacity=None, ttl=None, keys_dir=None):
+# An unused channel with a keyed scheme, added only while replicas load no
+# keys for a cluster whose sole need of them is its ordered channels.
+KEYED_IDLE_CHANNEL = "keyed-idle"
+
+
+def cpu_seconds(pid):
+    """
+    Return the CPU time (user and system) process C{pid} has used, from
+    /proc, or C{None} when it is gone.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    # utime and stime are fields 14 and 15 of stat(5); these start at field 3
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cluster_toml(
+    ports, tags, mode, faults=1, capacity=None, ttl=None, keys_dir=None, subscribers=1,
+    keyed_idle=False,
+):
     """
     Return the text of a cluster file: one replica per port, clients
-    C{probe} (publishes) and C{console} (subscribes), every channel in
-    C{tags} configured as C{mode} says.
+    C{probe} (publishes) and C{console} (subscribes; C{console-2}... too
+    with C{subscribers} > 1), every channel in C{tags} configured as
+    C{mode} says.
 
     @param capacity: queue capacity per subscriber; C{None} keeps the
         broker's default, as the memory benchmark wants.
+    @param keyed_idle: add L{KEYED_IDLE_CHANNEL}, unordered, of C{mode}'s
+        QoP and the C{ha} scheme, which nobody uses (see L{prepare_cluster}).
     """
     from fit_broker.init import cluster_toml as write_toml
 
@@ -138,17 +182,41 @@ def cluster_toml(ports, tags, mode, faults=1, capacity=None, ttl=None, keys_dir=
     for key, value in (("capacity", capacity), ("ttl", ttl)):
         if value is not None:
             bench[key] = value
-    rows = [(tag, tag, "bench", mode.qop, mode.scheme, [PUBLISHER], [SUBSCRIBER]) for tag in tags]
+    readers = subscriber_names(subscribers)
+    rows = [(tag, tag, "bench", mode.qop, mode.scheme, [PUBLISHER], readers) for tag in tags]
+    classes = {"bench": bench}
+    if keyed_idle:
+        rows.append((KEYED_IDLE_CHANNEL, KEYED_IDLE_CHANNEL, "idle", mode.qop, "ha", [PUBLISHER], readers))
+        classes["idle"] = {"ordering": "none"}
     return write_toml(
-        "bench", faults, ports, [PUBLISHER, SUBSCRIBER], rows, keys_dir=keys_dir, tls=False,
-        admins=[], classes={"bench": bench},
+        "bench", faults, ports, [PUBLISHER, *readers], rows, keys_dir=keys_dir, tls=False,
+        admins=[], classes=classes,
     )
 
 
-def prepare_cluster(folder, mode_name, channels, replicas=4, faults=1, capacity=None, ttl=None):
+def replicas_load_keys(path):
     """
-    Write the cluster file (and key material, for schemes that need it)
-    into C{folder} and check that FIT Broker accepts it.
+    Whether a replica of the cluster file at C{path} loads its keys.
+    """
+    from fit_broker.config import load_config
+    from fit_broker.credentials import replica_credentials
+
+    return replica_credentials(load_config(path), 0)[0] is not None
+
+
+def prepare_cluster(
+    folder, mode_name, channels, replicas=4, faults=1, capacity=None, ttl=None, subscribers=1,
+    notes=None,
+):
+    """
+    Write the cluster file (and key material, for schemes and orderings
+    that need it) into C{folder} and check that FIT Broker accepts it.
+
+    Replicas of a cluster without TLS load their keys only when a channel's
+    scheme needs them, so those of an ordered mode with scheme C{si} would
+    run with no keys for their links, and refuse to link.  While that
+    holds, the file gets L{KEYED_IDLE_CHANNEL}, an unused channel whose
+    scheme makes them load their keys, and C{notes} (a list) says so.
 
     @return: C{(path, ports)}.
     @raise Unavailable: when this checkout cannot run C{mode_name} yet.
@@ -167,19 +235,21 @@ def prepare_cluster(folder, mode_name, channels, replicas=4, faults=1, capacity=
 
             material = os.path.join(folder, keys_dir)
             shutil.rmtree(material, ignore_errors=True)
-            write_cluster_material(
-                material,
-                "bench",
-                replicas,
-                [PUBLISHER, SUBSCRIBER],
-                {tag: [PUBLISHER, SUBSCRIBER] for tag in tags},
-            )
+            clients = [PUBLISHER, *subscriber_names(subscribers)]
+            keyed = tags + [KEYED_IDLE_CHANNEL] if mode.ordered else tags
+            write_cluster_material(material, "bench", replicas, clients, {tag: clients for tag in keyed})
         except Exception as e:
             raise Unavailable(f"cannot make key material: {type(e).__name__}: {e}") from None
     path = os.path.join(folder, "cluster.toml")
     with open(path, "w") as f:
-        f.write(cluster_toml(ports, tags, mode, faults, capacity, ttl, keys_dir))
+        f.write(cluster_toml(ports, tags, mode, faults, capacity, ttl, keys_dir, subscribers))
     check_config(path)
+    if mode.ordered and keys_dir is not None and not replicas_load_keys(path):
+        with open(path, "w") as f:
+            f.write(cluster_toml(ports, tags, mode, faults, capacity, ttl, keys_dir, subscribers, True))
+        check_config(path)
+        if notes is not None:
+            notes.append(f"replicas load keys only thanks to an idle channel {KEYED_IDLE_CHANNEL!r}")
     return path, ports
 
 
@@ -288,6 +358,12 @@ class Cluster:
             if text:
                 tails.append(f"replica {index}: " + " | ".join(text[-lines:]))
         return "; ".join(tails)
+
+    def cpu(self):
+        """
+        Return the CPU seconds all replica processes used so far.
+        """
+        return sum(cpu_seconds(p.pid) or 0.0 for p in self.processes)
 
     def resident(self):
         """

@@ -16,11 +16,23 @@ seconds after that number came.  Each prints one JSON line on stdout.
 """
 
 import argparse
+import struct
 import sys
 import time
+from array import array
+from zlib import crc32
 
 from benchmarks.cluster import PUBLISHER, SUBSCRIBER
-from benchmarks.ledger import Delivered, Expectation, Ranges, emit, payload_filler, say_ready, write_ledger
+from benchmarks.ledger import (
+    Delivered,
+    Expectation,
+    Ranges,
+    emit,
+    payload_filler,
+    percentile,
+    say_ready,
+    write_ledger,
+)
 
 
 def _load_keys(config, client):
@@ -38,7 +50,8 @@ async def publish(reactor, args, session):
     """
     Publish batches round-robin over the channels for --seconds (or until
     --events were sent), keeping --window calls outstanding, then wait for
-    every acknowledgement.
+    every acknowledgement.  Says C{publishing} on stderr as it starts, so
+    that a sampling profiler can be attached then.
     """
     from twisted.internet.defer import Deferred
 
@@ -56,9 +69,12 @@ async def publish(reactor, args, session):
             waiter, wake[0] = wake[0], None
             waiter.callback(None)
 
-    def acked(ids, tag):
+    waits = array("d")
+
+    def acked(ids, tag, sent_at):
+        now = state["last"] = time.monotonic()
+        waits.append(now - sent_at)
         state["acked"] += len(ids)
-        state["last"] = time.monotonic()
         ledgers[tag].add_run(ids[0], ids[-1])
         settled()
 
@@ -67,6 +83,8 @@ async def publish(reactor, args, session):
         state["error"] = state["error"] or f"{failure.type.__name__}: {failure.getErrorMessage()}"
         settled()
 
+    print("publishing", file=sys.stderr, flush=True)
+    cpu = time.process_time()
     started = time.monotonic()
     deadline = started + args.seconds
     turn = 0
@@ -89,7 +107,7 @@ async def publish(reactor, args, session):
         state["sent"] += batch
         state["outstanding"] += 1
         d = publisher.publish_many(tag, [content] * batch)
-        d.addCallbacks(acked, failed, callbackArgs=(tag,), errbackArgs=(batch,))
+        d.addCallbacks(acked, failed, callbackArgs=(tag, time.monotonic()), errbackArgs=(batch,))
         if turn % 8 == 0:
             # Let replies in: publish_many only queues while the reactor is ours.
             pause = Deferred()
@@ -99,6 +117,7 @@ async def publish(reactor, args, session):
         wake[0] = Deferred()
         await wake[0]
     elapsed = (state["last"] or time.monotonic()) - started
+    cpu = time.process_time() - cpu
     if args.ledger:
         write_ledger(args.ledger, {tag: r.normalised() for tag, r in ledgers.items()})
     summary = {
@@ -108,15 +127,93 @@ async def publish(reactor, args, session):
         "failed": state["failed"],
         "seconds": round(elapsed, 3),
         "published_per_s": round(state["acked"] / elapsed, 1) if elapsed > 0 else None,
+        "cpu_s": round(cpu, 3),
     }
+    # How long a publish call waited for its acknowledgement: on an ordered
+    # channel, the agreement's latency plus the queue in front of it.
+    waits = sorted(waits)
+    for key, fraction in (("ack_p50_ms", 0.5), ("ack_p99_ms", 0.99)):
+        value = percentile(waits, fraction)
+        summary[key] = round(value * 1000, 2) if value is not None else None
     if state["error"]:
         summary["error"] = state["error"]
     return summary
 
 
+class OrderCheck:
+    """
+    What the subscriber can check cheaply of the order it was handed
+    batches in, one comparison or two per batch.
+
+    Every channel here has one publisher, so publication order is id order:
+    a batch whose first id is not above the last id handed over on its
+    channel breaks it (C{backwards}).  On an ordered channel sequence
+    numbers rise by one from batch to batch (a rise by more skips numbers,
+    C{skipped}: tombstones; one that does not rise is C{seq_backwards}),
+    log positions rise within a channel, and with C{ordering = "global"}
+    across all of them (C{position_backwards}).  C{fingerprint} hashes each
+    channel's C{(seq, position, first id, count)} in hand-over order, so
+    that subscribers that delivered everything agree on it exactly when
+    they were handed the same order.
+    """
+
+    PACK = struct.Struct("<qqqq").pack
+
+    def __init__(self, global_order=False):
+        self.global_order = global_order
+        self.channels = {}
+        self.last_global = 0
+        self.backwards = 0
+        self.seq_backwards = 0
+        self.position_backwards = 0
+        self.skipped = 0
+        self.ordered_batches = 0
+
+    def channel(self, tag):
+        # [last id, last seq, last position, running crc]
+        return self.channels.setdefault(tag, [-1, None, 0, 0])
+
+    def batch(self, state, batch, count):
+        if batch.first_id <= state[0]:
+            self.backwards += 1
+        else:
+            state[0] = batch.first_id + count - 1
+        seq = batch.seq
+        if seq is None:
+            return
+        self.ordered_batches += 1
+        position = batch.position
+        last_seq = state[1]
+        if last_seq is not None:
+            if seq <= last_seq:
+                self.seq_backwards += 1
+            elif seq != last_seq + 1:
+                self.skipped += seq - last_seq - 1
+        state[1] = seq
+        if position <= state[2] or (self.global_order and position <= self.last_global):
+            self.position_backwards += 1
+        state[2] = position
+        if position > self.last_global:
+            self.last_global = position
+        state[3] = crc32(self.PACK(seq, position, batch.first_id, count), state[3])
+
+    def summary(self):
+        out = {"backwards": self.backwards}
+        if self.ordered_batches:
+            out.update(
+                ordered_batches=self.ordered_batches,
+                seq_backwards=self.seq_backwards,
+                position_backwards=self.position_backwards,
+                skipped=self.skipped,
+                fingerprint={tag: f"{state[3]:08x}" for tag, state in sorted(self.channels.items())},
+            )
+        return out
+
+
 async def subscribe(reactor, args, session):
     """
-    Stream every channel, record ids and latencies, stop as the harness says.
+    Stream every channel, record ids, latencies and order, stop as the
+    harness says.
     """
     from twisted.internet.defer import Deferred
 
@@ -124,16 +221,23 @@ async def subscribe(reactor, args, session):
     record = Delivered()
     done = Deferred()
     expectation = Expectation()
+    channels = session.proxy.config.channels
+    order = OrderCheck(
+        global_order=any(channels[tag].qos.ordering == "global" for tag in tags if tag in channels)
+    )
 
     def on_events(tag):
         ids = record.channel(tag)
         latencies = record.latencies
+        state = order.channel(tag)
+        check = order.batch
 
         def take(batches):
             wall = time.time()
             for batch in batches:
                 count = len(batch.contents)
                 record.arrived(count)
+                check(state, batch, count)
                 ids.extend(range(batch.first_id, batch.first_id + count))
                 latencies.extend([wall - batch.timestamp] * count)
 
@@ -142,6 +246,7 @@ async def subscribe(reactor, args, session):
     for tag in tags:
         await session.subscriber.subscribe(tag, on_events(tag), batches=True)
     say_ready()
+    cpu = time.process_time()
 
     quiet_since = [time.monotonic()]
 
@@ -163,7 +268,10 @@ async def subscribe(reactor, args, session):
 
     reactor.callLater(0.1, check)
     await done
+    cpu = time.process_time() - cpu
     summary = record.summary(args.ledger)
+    summary["cpu_s"] = round(cpu, 3)
+    summary["order"] = order.summary()
     voter = {}
     for v in session.subscriber.voters.values():
         for key, value in v.counters.items():
@@ -214,7 +322,9 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--events", type=int, default=0, help="stop after this many events (0: by time)")
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--rate", type=float, default=0.0, help="events/s in all, 0 = as fast as acknowledged")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="events/s this publisher offers, 0 = as fast as acknowledged"
+    )
     parser.add_argument("--batch", type=int, default=100, help="events per publish_many call")
     parser.add_argument("--window", type=int, default=64, help="publish_many calls outstanding")
     parser.add_argument("--credit", type=int, default=2000)

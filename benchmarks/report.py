@@ -13,9 +13,15 @@ import sys
 COLUMNS = (
     "system", "mode", "channels", "published_per_s", "delivered_per_s", "lost", "p50_ms", "p99_ms",
 )
-# The reason a row has no figures (unavailable, failed) goes after the
-# columns every reader relies on.
-CSV_COLUMNS = COLUMNS + ("note",)
+# The offered rate (0: flat out), how long a publish waited for its
+# acknowledgement, the ordering violations the subscribers saw (ordered
+# modes only), CPU microseconds per event (all replicas together, the
+# publisher, the busiest subscriber), then the reason a row has no
+# figures (unavailable, failed), after the columns every reader relies on.
+CSV_COLUMNS = COLUMNS + (
+    "rate", "ack_p50_ms", "ack_p99_ms", "out_of_order",
+    "replica_cpu_us", "publisher_cpu_us", "subscriber_cpu_us", "note",
+)
 
 CEILING = ("null-relay", "relay")
 COLOURS = {
@@ -32,6 +38,8 @@ MODE_COLOURS = {
     "bft-pks": "tab:cyan",
     "bft-pke": "tab:brown",
     "bft-ordered": "tab:pink",
+    "bft-ordered-global": "tab:red",
+    "cft-ordered": "tab:green",
 }
 
 
@@ -71,6 +79,13 @@ def _fmt(value, digits=0):
     return f"{value:,.{digits}f}"
 
 
+def _cpu(row):
+    figures = [_number(row.get(key)) for key in ("replica_cpu_us", "publisher_cpu_us", "subscriber_cpu_us")]
+    if all(value is None for value in figures):
+        return "-"
+    return ", ".join("-" if value is None else f"{value:.0f}" for value in figures)
+
+
 def write_markdown(path, rows, context):
     """
     A table of every measured point, each with its delivered rate as a share
@@ -78,18 +93,25 @@ def write_markdown(path, rows, context):
     not be measured and why.
     """
     ceiling = ceiling_by_channels(rows)
+    rate = _number(context.get("rate"))
+    load = (
+        f"each publisher offers {rate:,.0f} events/s" if rate
+        else "publishers publish flat out (latency is then mostly queueing)"
+    )
     lines = [
         "# Throughput against channels",
         "",
         f"`{context['command']}`",
         "",
-        f"{context['cores']} cores, commit {context['commit']}, {context['when']}; "
+        f"{context['cores']} cores (load average {context.get('load', '?')} at the start), "
+        f"commit {context['commit']}, {context['when']}; "
         f"{context['replicas']} replicas (f={context['faults']}), {context['event_size']}-byte events, "
         f"{context['seconds']} s per point, {context['publishers']} publisher and "
-        f"{context['subscribers']} subscriber process per point.",
+        f"{context.get('subscribers', 1)} subscriber process(es) per point; {load}.",
         "",
-        "| system | mode | channels | published/s | delivered/s | lost | p50 ms | p99 ms | share of null relay | note |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| system | mode | channels | published/s | delivered/s | lost | out of order | p50 ms | p99 ms "
+        "| ack p50 ms | CPU µs/event: replicas, pub, sub | share of null relay | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     unavailable = {}
     for row in rows:
@@ -103,7 +125,9 @@ def write_markdown(path, rows, context):
         lines.append(
             f"| {row['system']} | {row['mode']} | {row['channels']} | "
             f"{_fmt(row['published_per_s'])} | {_fmt(row['delivered_per_s'])} | "
-            f"{_fmt(row['lost'])} | {_fmt(row['p50_ms'], 1)} | {_fmt(row['p99_ms'], 1)} | "
+            f"{_fmt(row['lost'])} | {_fmt(row.get('out_of_order'))} | "
+            f"{_fmt(row['p50_ms'], 1)} | {_fmt(row['p99_ms'], 1)} | {_fmt(row.get('ack_p50_ms'), 1)} | "
+            f"{_cpu(row)} | "
             f"{share} | {note} |"
         )
     if unavailable:
@@ -168,13 +192,80 @@ def plot(path, rows, context):
         0.5, 0.01,
         f"{context['cores']} cores, commit {context['commit']}; {context['replicas']} replicas "
         f"(f={context['faults']}), {context['event_size']}-byte events, {context['seconds']} s per point, "
-        "loopback",
+        + (f"{_number(context['rate']):,.0f} events/s offered, " if _number(context.get("rate")) else "")
+        + "loopback",
         ha="center", fontsize=9,
     )
     fig.tight_layout(rect=(0, 0.04, 0.83, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return None
+
+
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + "/"
+
+
+def _frame(text, with_line):
+    """
+    C{function (file:line)} of a py-spy frame C{function (path:line)}, the
+    path shortened to the package or the checkout; without C{with_line},
+    C{function (file)}.
+    """
+    name, _, where = text.rpartition(" (")
+    if not name:
+        return text
+    path, _, line = where.rstrip(")").rpartition(":")
+    for marker in ("site-packages/", "/lib/python3.", _CHECKOUT):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            if marker.startswith("/lib/python3."):
+                path = path.split("/", 1)[-1]
+    return f"{name} ({path}:{line})" if with_line else f"{name} ({path})"
+
+
+def summarise_samples(path, top=25):
+    """
+    Return a text summary of py-spy's collapsed stacks in C{path}: the share
+    of samples idle in the reactor's poll, then the busiest lines (self
+    time) and FIT Broker's functions (inclusive), each as a share of the
+    main thread's samples (other threads, such as the driver's stdin
+    reader, only wait).
+    """
+    own = {}
+    inclusive = {}
+    total = idle = others = 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            count = int(count)
+            frames = stack.split(";")
+            if frames[0].startswith("Thread._bootstrap ("):
+                others += count
+                continue
+            total += count
+            if "doPoll" in frames[-1] or frames[-1].startswith("poll "):
+                idle += count
+            leaf = _frame(frames[-1], True)
+            own[leaf] = own.get(leaf, 0) + count
+            for name in {_frame(frame, False) for frame in frames}:
+                if "(fit_broker/" in name:
+                    inclusive[name] = inclusive.get(name, 0) + count
+    if not total:
+        return f"{path}: no samples\n"
+    lines = [
+        f"{os.path.basename(path)}: {total} samples of the main thread, "
+        f"{100 * idle / total:.0f}% idle in the reactor's poll ({others} of other threads left out)",
+        "",
+    ]
+    tables = (("self time, by line", own), ("inclusive time, by function of fit_broker", inclusive))
+    for title, table in tables:
+        lines.append(title)
+        for name, count in sorted(table.items(), key=lambda item: -item[1])[:top]:
+            lines.append(f"{100 * count / total:6.1f}%  {name}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def write_all(folder, rows, context, with_plot=True):

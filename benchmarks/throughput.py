@@ -3,14 +3,16 @@ Throughput against channels: FIT Broker, a null relay and peer brokers.
 
     python -m benchmarks.throughput [--channels 5,10,20,50,70,90] [--modes cft,bft-ha]
         [--peers mosquitto,nats,redis|none] [--seconds 10] [--event-size 256]
-        [--out benchmarks/results]
+        [--rate R] [--subscribers N] [--out benchmarks/results]
 
 For every channel count: a null relay (4 relay processes, the ceiling), each
 FIT Broker mode on 4 replica processes (f=1), and each peer broker, each
 driven by one publisher process and one subscriber process on loopback.  The
 publisher publishes round-robin over the channels for --seconds as fast as
-acknowledgements come back; the subscriber streams every channel and stops
-once it delivered everything acknowledged (or nothing came for a while).
+acknowledgements come back (or at --rate events/s, for latency at a given
+load); the subscriber streams every channel and stops once it delivered
+everything acknowledged (or nothing came for a while).  Ordered modes also
+have their hand-over order checked (L{benchmarks.driver.OrderCheck}).
 See benchmarks/README.md for what each number means.
 """
 
@@ -34,6 +36,7 @@ from benchmarks.cluster import (
     Unavailable,
     channel_tags,
     child_env,
+    subscriber_names,
     git_commit,
     prepare_cluster,
     stop_processes,
@@ -129,31 +132,91 @@ def _wait_ready(process, stderr_path, timeout):
     raise RuntimeError(f"subscriber not subscribed after {timeout} s: {_tail(stderr_path)}")
 
 
-def run_clients(folder, publish_command, subscribe_command, options):
+def _wait_publishing(process, stderr_path, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with open(stderr_path, "rb") as f:
+                if b"publishing\n" in f.read():
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+
+
+def start_samplers(prefix, pids, seconds):
     """
-    Run one subscriber and one publisher process to the end; return
-    C{(publisher summary, subscriber summary, events lost)}.
+    Sample each process of C{pids} (name -> pid) with py-spy for C{seconds},
+    idle time included, into C{<prefix>-<name>.txt} (collapsed stacks);
+    L{benchmarks.report.summarise_samples} reads them.  Returns the py-spy
+    processes; none when py-spy is not installed.
+    """
+    spy = shutil.which("py-spy")
+    if spy is None:
+        print("--sample: py-spy is not installed (pip install py-spy)", file=sys.stderr)
+        return []
+    samplers = []
+    for name, pid in pids.items():
+        samplers.append(
+            subprocess.Popen(
+                [
+                    spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
+                    "--rate", "200", "--idle", "--nonblocking", "--format", "raw",
+                    "--output", f"{prefix}-{name}.txt",
+                ],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        )
+    return samplers
+
+
+def run_clients(folder, publish_command, subscribe_commands, options, sample=None, cluster=None):
+    """
+    Run the subscriber processes and one publisher process to the end;
+    return C{(publisher summary, subscriber summary, events lost)}, the
+    subscribers' summaries joined by L{join_subscribers}.
+
+    @param subscribe_commands: one command per subscriber process (one for
+        a peer broker, which knows one subscriber).
+    @param sample: called with C{{"publish": pid, "subscribe": pid}} once the
+        publisher says it publishes; returns the sampler processes it
+        started, which end on their own and are stopped at the end.
+    @param cluster: the L{Cluster} served, whose replicas' CPU time from
+        the publisher's start to the last subscriber's end goes into the
+        publisher's summary as C{replica_cpu_s}.
     """
     env = child_env()
     pub_ledger = os.path.join(folder, "published.json")
-    sub_ledger = os.path.join(folder, "delivered.json")
-    sub_err = os.path.join(folder, "subscriber.err")
     pub_err = os.path.join(folder, "publisher.err")
+    subscribers = []
     processes = []
     try:
-        with open(sub_err, "wb") as err:
-            subscriber = subprocess.Popen(
-                subscribe_command + ["--ledger", sub_ledger, "--idle", str(options.idle)],
-                cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-            )
-        processes.append(subscriber)
-        _wait_ready(subscriber, sub_err, 60)
+        for number, command in enumerate(subscribe_commands, 1):
+            suffix = "" if number == 1 else f"-{number}"
+            ledger = os.path.join(folder, f"delivered{suffix}.json")
+            err_path = os.path.join(folder, f"subscriber{suffix}.err")
+            with open(err_path, "wb") as err:
+                process = subprocess.Popen(
+                    command + ["--ledger", ledger, "--idle", str(options.idle)],
+                    cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                )
+            processes.append(process)
+            subscribers.append((process, ledger, err_path))
+        for process, _, err_path in subscribers:
+            _wait_ready(process, err_path, 60)
         with open(pub_err, "wb") as err:
             publisher = subprocess.Popen(
                 publish_command + ["--ledger", pub_ledger],
                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
             )
         processes.append(publisher)
+        replica_cpu = None
+        if sample is not None or cluster is not None:
+            _wait_publishing(publisher, pub_err, 60)
+        if cluster is not None:
+            replica_cpu = cluster.cpu()
+        if sample is not None:
+            processes.extend(sample({"publish": publisher.pid, "subscribe": subscribers[0][0].pid}))
         try:
             out, _ = publisher.communicate(timeout=options.seconds + 120)
         except subprocess.TimeoutExpired:
@@ -162,29 +225,83 @@ def run_clients(folder, publish_command, subscribe_command, options):
         if published is None:
             raise RuntimeError(f"publisher printed no summary: {_tail(pub_err)}")
         acked = published.get("acked") or 0
-        try:
-            out, _ = subscriber.communicate(f"{acked}\n".encode(), timeout=options.drain)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"subscriber still draining after {options.drain} s") from None
-        delivered = _last_json(out.decode("utf-8", "replace"))
-        if delivered is None:
-            raise RuntimeError(f"subscriber printed no summary: {_tail(sub_err)}")
+        for process, _, _ in subscribers:
+            # every subscriber learns the count before any is waited for
+            try:
+                process.stdin.write(f"{acked}\n".encode())
+                process.stdin.flush()
+            except OSError:
+                pass  # it exited: its summary (or its absence) says why
+        deadline = time.monotonic() + options.drain
+        summaries = []
+        for process, _, err_path in subscribers:
+            try:
+                out, _ = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"subscriber still draining after {options.drain} s") from None
+            delivered = _last_json(out.decode("utf-8", "replace"))
+            if delivered is None:
+                raise RuntimeError(f"subscriber printed no summary: {_tail(err_path)}")
+            summaries.append(delivered)
+        if replica_cpu is not None:
+            published["replica_cpu_s"] = round(cluster.cpu() - replica_cpu, 3)
         with open(os.path.join(folder, "summaries.json"), "w") as f:
-            json.dump({"publisher": published, "subscriber": delivered}, f, indent=1)
+            json.dump({"publisher": published, "subscribers": summaries}, f, indent=1)
         lost = None
-        if os.path.exists(pub_ledger) and os.path.exists(sub_ledger):
-            lost = lost_events(read_ledger(pub_ledger), read_ledger(sub_ledger))
-        return published, delivered, lost
+        if os.path.exists(pub_ledger) and all(os.path.exists(ledger) for _, ledger, _ in subscribers):
+            acknowledged = read_ledger(pub_ledger)
+            lost = sum(lost_events(acknowledged, read_ledger(ledger)) for _, ledger, _ in subscribers)
+        return published, join_subscribers(summaries), lost
     finally:
         stop_processes(processes)
 
 
-def _row(system, mode, channels, published=None, delivered=None, lost=None, note=""):
+def join_subscribers(summaries):
+    """
+    One summary for several subscribers of the same point: the slowest
+    one's rate and the worst latencies, duplicates and order violations
+    added up, and C{order_mismatch}, the channels whose order some
+    subscriber that delivered everything the others did saw differently.
+    """
+    if len(summaries) == 1:
+        joined = dict(summaries[0])
+        joined["order_mismatch"] = 0 if "order" in joined else None
+        return joined
+    joined = {"role": "subscriber", "subscribers": len(summaries)}
+    errors = [s["error"] for s in summaries if s.get("error")]
+    if errors:
+        joined["error"] = errors[0]
+    rates = [s.get("delivered_per_s") for s in summaries]
+    joined["delivered_per_s"] = None if None in rates else min(rates)
+    for key in ("p50_ms", "p99_ms", "cpu_s"):
+        values = [s.get(key) for s in summaries if s.get(key) is not None]
+        joined[key] = max(values) if values else None
+    joined["delivered"] = min(s.get("delivered") or 0 for s in summaries)
+    for key in ("duplicates", "client_errors"):
+        joined[key] = sum(s.get(key) or 0 for s in summaries)
+    first_errors = [s["first_client_error"] for s in summaries if s.get("first_client_error")]
+    if first_errors:
+        joined["first_client_error"] = first_errors[0]
+    orders = [s.get("order") for s in summaries]
+    joined["order_mismatch"] = None
+    if all(orders):
+        joined["order"] = {
+            key: sum(o.get(key, 0) for o in orders)
+            for key in ("backwards", "seq_backwards", "position_backwards", "skipped", "ordered_batches")
+        }
+        prints = [o.get("fingerprint") for o in orders]
+        if all(prints):
+            tags = set().union(*prints)
+            joined["order_mismatch"] = sum(1 for tag in tags if len({p.get(tag) for p in prints}) > 1)
+    return joined
+
+
+def _row(system, mode, channels, published=None, delivered=None, lost=None, note="", rate=0.0, ordered=False):
     published = published or {}
     delivered = delivered or {}
     if published.get("error") and not published.get("acked") and not note:
         # Nothing was ever accepted: the mode cannot run here yet.
-        return _row(system, mode, channels, note=f"unavailable: {published['error']}")
+        return _row(system, mode, channels, note=f"unavailable: {published['error']}", rate=rate)
     notes = [note] if note else []
     for side in (published, delivered):
         if side.get("error"):
@@ -193,6 +310,11 @@ def _row(system, mode, channels, published=None, delivered=None, lost=None, note
         notes.append(f"{delivered['duplicates']} duplicates")
     if delivered.get("client_errors"):
         notes.append(f"{delivered['client_errors']} client errors: {delivered['first_client_error']}")
+    out_of_order = None
+    order = delivered.get("order")
+    if ordered and order is not None:
+        out_of_order, why = _order_violations(order, delivered.get("order_mismatch"))
+        notes += why
     return {
         "system": system,
         "mode": mode,
@@ -202,10 +324,53 @@ def _row(system, mode, channels, published=None, delivered=None, lost=None, note
         "lost": lost,
         "p50_ms": delivered.get("p50_ms"),
         "p99_ms": delivered.get("p99_ms"),
+        "rate": rate,
+        "ack_p50_ms": published.get("ack_p50_ms"),
+        "ack_p99_ms": published.get("ack_p99_ms"),
+        "replica_cpu_us": _per_event(published.get("replica_cpu_s"), published.get("acked")),
+        "publisher_cpu_us": _per_event(published.get("cpu_s"), published.get("acked")),
+        "subscriber_cpu_us": _per_event(delivered.get("cpu_s"), delivered.get("delivered")),
+        "out_of_order": out_of_order,
         "note": "; ".join(notes),
         "acked": published.get("acked"),
         "delivered": delivered.get("delivered"),
     }
+
+
+def _per_event(seconds, events):
+    """
+    CPU microseconds per event, or C{None} without both figures.
+    """
+    if seconds is None or not events:
+        return None
+    return round(seconds * 1e6 / events, 1)
+
+
+def _order_violations(order, mismatch):
+    """
+    Return C{(count, notes)}: the hand-overs that broke an ordered
+    channel's promise (see L{benchmarks.driver.OrderCheck}), and a note
+    for each kind seen.
+    """
+    kinds = (
+        ("backwards", "batches before their publisher's previous one"),
+        ("seq_backwards", "sequence numbers going back"),
+        ("position_backwards", "log positions going back"),
+    )
+    count = 0
+    notes = []
+    for key, text in kinds:
+        if order.get(key):
+            count += order[key]
+            notes.append(f"{order[key]} {text}")
+    if mismatch:
+        count += mismatch
+        notes.append(f"{mismatch} channels in a different order at different subscribers")
+    if order.get("skipped"):
+        notes.append(f"{order['skipped']} sequence numbers skipped")
+    if not order.get("ordered_batches"):
+        notes.append("no batch carried a sequence number")
+    return count, notes
 
 
 def _common(options, tags):
@@ -223,45 +388,64 @@ def run_fit_point(workdir, mode, channels, options, relay=False):
     """
     system, label = ("null-relay", "relay") if relay else ("fitbroker", mode)
     folder = os.path.join(workdir, f"{system}-{label}-{channels}")
+    notes = []
     try:
         path, ports = prepare_cluster(
-            folder, mode, channels, REPLICAS, FAULTS, capacity=BENCH_CAPACITY
+            folder, mode, channels, REPLICAS, FAULTS, capacity=BENCH_CAPACITY,
+            subscribers=options.subscribers, notes=notes,
         )
     except Unavailable as e:
-        return _row(system, label, channels, note=f"unavailable: {e}")
-    profile = None
+        return _row(system, label, channels, note=f"unavailable: {e}", rate=options.rate)
+    profile = sample = None
     if options.profile:
         os.makedirs(options.profile, exist_ok=True)
         profile = os.path.join(os.path.abspath(options.profile), f"{system}-{label}-{channels}")
+    if options.sample:
+        os.makedirs(options.sample, exist_ok=True)
+        prefix = os.path.join(os.path.abspath(options.sample), f"{system}-{label}-{channels}")
+
+        def sample(pids):
+            replicas = {f"replica{i}": process.pid for i, process in enumerate(cluster.processes)}
+            return start_samplers(prefix, {**replicas, **pids}, options.seconds)
     cluster = Cluster(folder, path, ports, relay=relay, profile=profile and profile + "-replica0.prof")
     try:
         cluster.start()
     except RuntimeError as e:
-        return _row(system, label, channels, note=f"unavailable: replicas did not start: {e}")
+        return _row(
+            system, label, channels, note=f"unavailable: replicas did not start: {e}", rate=options.rate
+        )
     try:
         tags = channel_tags(channels)
 
-        def driver(role):
+        def driver(role, name=""):
             python = [sys.executable]
             if profile:
-                python += ["-m", "cProfile", "-o", f"{profile}-{role}.prof"]
+                python += ["-m", "cProfile", "-o", f"{profile}-{role}{name}.prof"]
             return python + ["-m", "benchmarks.driver", role]
 
         publish = driver("publish") + [
             "--config", path, "--as", PUBLISHER,
             "--seconds", str(options.seconds), "--rate", str(options.rate),
         ] + _common(options, tags)
-        subscribe = driver("subscribe") + [
-            "--config", path, "--as", SUBSCRIBER, "--credit", str(options.credit),
-            "--channels", ",".join(tags),
+        subscribe = [
+            driver("subscribe", name[len(SUBSCRIBER):]) + [
+                "--config", path, "--as", name, "--credit", str(options.credit),
+                "--channels", ",".join(tags),
+            ]
+            for name in subscriber_names(options.subscribers)
         ]
-        published, delivered, lost = run_clients(folder, publish, subscribe, options)
-        note = ""
+        published, delivered, lost = run_clients(
+            folder, publish, subscribe, options, sample, cluster=cluster
+        )
         if not all(cluster.alive()):
-            note = f"a replica exited: {cluster.log_tail()}"
-        return _row(system, label, channels, published, delivered, lost, note)
+            notes.append(f"a replica exited: {cluster.log_tail()}")
+        note = "; ".join(notes)
+        ordered = not relay and MODES[mode].ordered
+        return _row(
+            system, label, channels, published, delivered, lost, note, rate=options.rate, ordered=ordered
+        )
     except RuntimeError as e:
-        return _row(system, label, channels, note=f"failed: {e}")
+        return _row(system, label, channels, note=f"failed: {e}", rate=options.rate)
     finally:
         cluster.stop()
 
@@ -272,7 +456,7 @@ def run_peer_point(workdir, system, mode, channels, options):
     try:
         server.start()
     except Unavailable as e:
-        return _row(system, mode, channels, note=f"unavailable: {e}")
+        return _row(system, mode, channels, note=f"unavailable: {e}", rate=options.rate)
     try:
         tags = channel_tags(channels)
         publish = client_command(
@@ -283,10 +467,10 @@ def run_peer_point(workdir, system, mode, channels, options):
         subscribe = client_command(
             "subscribe", system, mode, server.port, tags, size=options.event_size
         )
-        published, delivered, lost = run_clients(folder, publish, subscribe, options)
-        return _row(system, mode, channels, published, delivered, lost)
+        published, delivered, lost = run_clients(folder, publish, [subscribe], options)
+        return _row(system, mode, channels, published, delivered, lost, rate=options.rate)
     except RuntimeError as e:
-        return _row(system, mode, channels, note=f"failed: {e}")
+        return _row(system, mode, channels, note=f"failed: {e}", rate=options.rate)
     finally:
         server.stop()
 
@@ -298,6 +482,13 @@ def _peer_client_missing(system):
     except ImportError:
         return f"the Python client is not installed ({module}; pip install '.[bench]')"
     return None
+
+
+def _load_average():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def _parse_list(text):
@@ -325,10 +516,18 @@ def parse_args(argv):
     parser.add_argument("--no-relay", action="store_true", help="skip the null relay ceiling")
     parser.add_argument("--seconds", type=float, default=10.0, help="publishing time per point")
     parser.add_argument("--event-size", type=int, default=256, help="bytes of content per event")
-    parser.add_argument("--rate", type=float, default=0.0, help="events/s per publisher; 0 = flat out")
+    parser.add_argument(
+        "--rate", type=float, default=0.0,
+        help="events/s each publisher offers, at a fixed pace (for latency at a given load); 0 = flat out",
+    )
     parser.add_argument("--batch", type=int, default=100, help="events per publish call or pipeline")
     parser.add_argument("--window", type=int, default=64, help="batches in flight per publisher")
     parser.add_argument("--credit", type=int, default=2000, help="FIT subscriber credit per channel")
+    parser.add_argument(
+        "--subscribers", type=int, default=1,
+        help="FIT subscriber processes per point, each streaming every channel; with 2 or more, "
+        "ordered modes also check that all were handed the same order",
+    )
     parser.add_argument("--idle", type=float, default=3.0, help="seconds without events that end a subscriber")
     parser.add_argument("--drain", type=float, default=300.0, help="seconds a subscriber may take to catch up")
     parser.add_argument(
@@ -341,6 +540,12 @@ def parse_args(argv):
         metavar="DIR",
         help="write cProfile statistics of replica 0 and both clients of every FIT point to DIR "
         "(figures are then slower than unprofiled ones)",
+    )
+    parser.add_argument(
+        "--sample",
+        metavar="DIR",
+        help="sample every replica and both clients of every FIT point with py-spy while the publisher "
+        "publishes, into DIR (collapsed stacks and a summary each); far lighter than --profile",
     )
     options = parser.parse_args(argv)
     try:
@@ -360,6 +565,10 @@ def parse_args(argv):
         for one in [mode] if mode else PEER_MODES[system]:
             if (system, one) not in options.peer_points:
                 options.peer_points.append((system, one))
+    if options.subscribers < 1:
+        parser.error("--subscribers: at least 1")
+    if options.rate < 0:
+        parser.error("--rate: 0 (flat out) or a positive number of events/s")
     if options.event_size < 16:
         parser.error("--event-size: at least 16 bytes (the peers' id and clock header)")
     return options
@@ -388,6 +597,7 @@ def main(argv=None):
     context = {
         "command": command.strip(),
         "cores": os.cpu_count(),
+        "load": _load_average(),
         "commit": git_commit(),
         "when": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "replicas": REPLICAS,
@@ -395,7 +605,8 @@ def main(argv=None):
         "event_size": options.event_size,
         "seconds": options.seconds,
         "publishers": 1,
-        "subscribers": 1,
+        "subscribers": options.subscribers,
+        "rate": options.rate,
     }
     points = plan(options)
     progress = Progress(len(points))
@@ -409,7 +620,7 @@ def main(argv=None):
             progress.show(label + " ...")
             key = (system, mode)
             if key in known_unavailable:
-                row = _row(system, mode, channels, note=known_unavailable[key])
+                row = _row(system, mode, channels, note=known_unavailable[key], rate=options.rate)
             elif system == "null-relay":
                 row = run_fit_point(workdir, mode, channels, options, relay=True)
             elif system == "fitbroker":
@@ -417,7 +628,7 @@ def main(argv=None):
             else:
                 missing = _peer_client_missing(system)
                 if missing:
-                    row = _row(system, mode, channels, note=f"unavailable: {missing}")
+                    row = _row(system, mode, channels, note=f"unavailable: {missing}", rate=options.rate)
                 else:
                     row = run_peer_point(workdir, system, mode, channels, options)
             if row["note"].startswith("unavailable"):
@@ -436,6 +647,12 @@ def main(argv=None):
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             print(f"per-point folders kept in {workdir}", file=sys.stderr)
+    if options.sample:
+        for name in sorted(os.listdir(options.sample)):
+            if name.endswith(".txt") and not name.endswith(".summary.txt"):
+                path = os.path.join(options.sample, name)
+                with open(path[: -len(".txt")] + ".summary.txt", "w") as f:
+                    f.write(report.summarise_samples(path))
     report.write_all(options.out, rows, context, with_plot=not options.no_plot)
     print(open(os.path.join(options.out, "results.md")).read())
     return 0
