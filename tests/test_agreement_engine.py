@@ -695,3 +695,27 @@ def test_recovering_replica_ignores_unproven_claims_of_progress():
     for peer in (0, 2, 3):
         node.receive(peer, M.encode_state_reply(0, False, None, (), None), 0.0)
     assert node._recovery_target == 2
+
+
+def test_a_cluster_restarted_whole_starts_afresh_and_each_replica_follows():
+    """When every other replica restarted without memory at instance 0, a recovering one votes again, and says it restarted until it decides so the rest follow."""
+    c = Cluster()
+    node = c.make(1, recovering=True)
+    node.receive(0, M.encode_state_reply(0, True, None, (), None), 0.0)
+    node.receive(2, M.encode_state_reply(0, True, None, (), None), 0.0)
+    assert node.status()["recovering"] is True
+    node.receive(3, M.encode_state_reply(0, True, None, (), None), 0.0)
+    assert node.status()["recovering"] is False
+    # a peer that asks hears it restarted too, while it has decided nothing
+    effects = node.receive(0, M.encode_state_request(1), 0.0)
+    replies = [M.decode(message) for to, message in effects.messages if to == 0]
+    assert replies and replies[0][2] is True
+
+
+def test_one_fresh_peer_keeps_a_restarted_replica_recovering():
+    """A peer that did not restart (it may hold votes) keeps the restarted replica from starting afresh."""
+    c = Cluster()
+    node = c.make(1, recovering=True)
+    for peer, restarted in ((0, True), (2, True), (3, False)):
+        node.receive(peer, M.encode_state_reply(0, restarted, None, (), None), 0.0)
+    assert node.status()["recovering"] is True

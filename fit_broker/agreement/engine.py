@@ -64,7 +64,8 @@ Deviations from the paper, all decided for this implementation:
    Mod-SMaRt's terms).  When every other replica reports that it restarted
    without memory too, at instance 0, nobody holds a vote any more and the
    log starts afresh (a whole cluster restarted, its ordering state in
-   memory only).
+   memory only); such a replica goes on saying it restarted until it
+   decides, so the others follow.
  - Decided values' keys are remembered for C{pool_limit_values} keys, and a
    checkpoint transferred to a lagging replica comes with the keys decided
    before it (checked against the checkpoint's certified hash chain, which
@@ -269,6 +270,7 @@ class Orderer:
         self._recovery_lasts = {}  # peer -> the last decided instance it reported
         self._recovery_target = None
         self._amnesiac = set()  # peers that report they restarted without memory, at instance 0
+        self._all_restarted = False
 
         # peers
         self._peer_last = [0] * n
@@ -1404,7 +1406,10 @@ class Orderer:
                     break
         self._count("state_replies")
         history = self._history_until(checkpoint[0]) if checkpoint is not None else None
-        self._send(sender, M.encode_state_reply(self._last, self._recovering, checkpoint, tuple(entries), history))
+        # a replica that left recovery because all had restarted still says it
+        # restarted until it decides, so the others leave it too
+        restarted = self._recovering or (self._all_restarted and self._last == 0)
+        self._send(sender, M.encode_state_reply(self._last, restarted, checkpoint, tuple(entries), history))
 
     def _on_state_reply(self, sender, m, raw, now):
         _, last, recovering, checkpoint, entries, history = m
@@ -1448,6 +1453,7 @@ class Orderer:
             self._amnesiac.add(sender)
             if len(self._amnesiac) >= self.replicas - 1:
                 self._recovering = False
+                self._all_restarted = True
                 self._count("recovered_all_restarted")
                 self._changed = True
         if self._recovering and not recovering and self._recovery_target is None and last <= self._last:
