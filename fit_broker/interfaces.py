@@ -414,6 +414,21 @@ class IKeyRing(Interface):
         Return the symmetric key of C{channel}, or C{None}.
         """
 
+    replica_signing_key = Attribute(
+        "A replica's Ed25519 private key for the agreement's certificates, or None."
+    )
+
+    def peer_mac_key(replica):
+        """
+        Return the MAC key this replica shares with replica number
+        C{replica} for their link, or C{None}.
+        """
+
+    def replica_verify_key(replica):
+        """
+        Return replica number C{replica}'s Ed25519 public key, or C{None}.
+        """
+
 
 class IControlTable(Interface):
     """
