@@ -139,7 +139,7 @@ def _toml_value(value):
 
 def cluster_toml(
     name, faults, replica_ports, clients, channels, keys_dir=".", tls=True, heading="", admins=None,
-    hosts=None, metrics_ports=None, classes=CLASSES,
+    hosts=None, metrics_ports=None, classes=CLASSES, plugin_folders=(),
 ):
     """
     Return the text of a cluster file.
@@ -157,6 +157,7 @@ def cluster_toml(
         first client, the one the command line acts as.
     @param classes: the QoS classes, name to C{[classes.<name>]} keys; by
         default the sample L{CLASSES}.
+    @param plugin_folders: folders of plugins the cluster loads, if any.
     """
     if admins is None:
         admins = clients[:1]
@@ -168,6 +169,8 @@ def cluster_toml(
         f'default_client = "{clients[0]}"',
         f"admins = {_quote_list(admins)}",
     ]
+    if plugin_folders:
+        lines.append(f"plugin_folders = {_quote_list(plugin_folders)}")
     if keys_dir is not None:
         lines.append(f'keys_dir = "{keys_dir}"')
     lines += [f"tls = {_toml_value(tls)}", ""]

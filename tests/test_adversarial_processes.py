@@ -28,6 +28,7 @@ from zlib import crc32
 import pytest
 
 from benchmarks.cluster import channel_tags, free_ports, prepare_cluster, resident_kib, wait_for_port
+from fit_broker.init import cluster_toml
 from tests.processes import ROOT, ReplicaProcesses, read_history
 
 pytestmark = pytest.mark.integration
@@ -370,19 +371,13 @@ def split_cluster(folder, clients, publishers, subscribers):
 
     ports = free_ports(4)
     write_cluster_material(os.path.join(folder, "keys"), "bench", 4, clients, {tag: clients for tag in TAGS})
-    lines = ["[cluster]", 'name = "bench"', "faults = 1", 'default_client = "probe"', 'keys_dir = "keys"', ""]
-    for port in ports:
-        lines += ["[[replicas]]", f'listen = "tcp:{port}:interface=127.0.0.1"', f'connect = "tcp:127.0.0.1:{port}"', ""]
-    lines += [f"[clients.{name}]" for name in clients]
-    lines += ["", "[classes.bench]", ""]
-    for tag in TAGS:
-        lines += [
-            "[[channels]]", f'tag = "{tag}"', 'class = "bench"', 'qop = "bft"', 'scheme = "ha"',
-            f"publishers = {json.dumps(publishers)}", f"subscribers = {json.dumps(subscribers)}", "",
-        ]
+    rows = [(tag, tag, "bench", "bft", "ha", publishers, subscribers) for tag in TAGS]
+    text = cluster_toml(
+        "bench", 1, ports, clients, rows, keys_dir="keys", tls=False, admins=[], classes={"bench": {}}
+    )
     path = os.path.join(folder, "cluster.toml")
     with open(path, "w") as f:
-        f.write("\n".join(lines))
+        f.write(text)
     return path, ports
 
 

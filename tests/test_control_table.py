@@ -33,6 +33,7 @@ from fit_broker.control import (
     table_value,
 )
 from fit_broker.errors import ConfigError, NoQuorum, RequestFailed
+from fit_broker.init import cluster_toml
 from fit_broker.interfaces import IControlTable
 from fit_broker.keys import KeyRing
 from fit_broker.units import Reply
@@ -41,52 +42,27 @@ from fit_broker.wire.framing import FrameDecoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CLUSTER = """
-[cluster]
-name = "test"
-faults = 1
-default_client = "ops"
-admins = ["ops", "boss"]
-
-[[replicas]]
-listen = "tcp:7400"
-connect = "tcp:127.0.0.1:7400"
-[[replicas]]
-listen = "tcp:7401"
-connect = "tcp:127.0.0.1:7401"
-[[replicas]]
-listen = "tcp:7402"
-connect = "tcp:127.0.0.1:7402"
-[[replicas]]
-listen = "tcp:7403"
-connect = "tcp:127.0.0.1:7403"
-
-[clients.ops]
-[clients.boss]
-[clients.probe]
-[clients.console]
-
-[classes.fast]
-capacity = 5
-ttl = 10
-
-[classes.slow]
-ttl = 600
-
-[[channels]]
-tag = "events"
-class = "fast"
-qop = "bft"
-publishers = ["probe"]
-subscribers = ["console"]
-
-[[channels]]
-tag = "alerts"
-publishers = ["*"]
-subscribers = ["console"]
-"""
-
 CLIENTS = ("ops", "boss", "probe", "console")
+
+
+def cluster_text(replicas=4, events_qop="bft", channels=("events", "alerts")):
+    """
+    The test cluster's file: C{events} in class C{fast} (BFT unless
+    C{events_qop} says), C{alerts} open to every publisher, C{channels}
+    listed in that order.
+    """
+    rows = {
+        "events": ("events", "events", "fast", events_qop, "si", ["probe"], ["console"]),
+        "alerts": ("alerts", "alerts", "default", "cft", "si", ["*"], ["console"]),
+    }
+    return cluster_toml(
+        "test", 1, range(7400, 7400 + replicas), list(CLIENTS), [rows[tag] for tag in channels],
+        keys_dir=None, tls=False, admins=["ops", "boss"],
+        classes={"fast": {"capacity": 5, "ttl": 10}, "slow": {"ttl": 600}},
+    )
+
+
+CLUSTER = cluster_text()
 
 
 def make_config(text=CLUSTER, path="cluster.toml"):
@@ -221,9 +197,7 @@ def test_wildcard_grant():
 
 # Refusals of well-formed changes the table cannot take.
 
-SMALL = CLUSTER.replace(
-    '[[replicas]]\nlisten = "tcp:7403"\nconnect = "tcp:127.0.0.1:7403"\n', ""
-).replace('qop = "bft"\n', "")
+SMALL = cluster_text(replicas=3, events_qop="cft")
 
 
 @pytest.mark.parametrize(
@@ -470,8 +444,7 @@ def test_tables_fed_the_same_changes_are_equal():
 
 def test_snapshot_does_not_depend_on_the_file_order():
     """Channels listed in another order in the file give the same genesis snapshot."""
-    swapped = CLUSTER.split("[[channels]]")
-    text = swapped[0] + "[[channels]]" + swapped[2] + "[[channels]]" + swapped[1]
+    text = cluster_text(channels=("alerts", "events"))
     assert list(make_config(text).channels) == ["alerts", "events"]
     assert ControlTable.genesis(make_config(text)).snapshot() == genesis().snapshot()
 
@@ -585,9 +558,8 @@ def test_sign_change_serials_increase_and_signatures_verify():
 def test_admin_quorum_is_the_highest_channel_quorum():
     """Changes need 2f+1 replicas when a channel is BFT, f+1 when all are CFT or there are none."""
     assert admin_quorum(CONFIG) == 3
-    assert admin_quorum(make_config(CLUSTER.replace('qop = "bft"\n', ""))) == 2
-    bare = CLUSTER.split("[[channels]]")[0]
-    assert admin_quorum(make_config(bare)) == 2
+    assert admin_quorum(make_config(cluster_text(events_qop="cft"))) == 2
+    assert admin_quorum(make_config(cluster_text(channels=()))) == 2
 
 
 class FakeReplica:

@@ -23,7 +23,7 @@ from fit_broker.client.publisher import Publisher
 from fit_broker.config import load_config, parse_config
 from fit_broker.credentials import replica_credentials
 from fit_broker.errors import ConfigError, RequestFailed, UnknownComponent
-from fit_broker.init import init_cluster
+from fit_broker.init import cluster_toml, init_cluster
 from fit_broker.listening import ListenError, MustListen, check_listeners, report_to_twistd
 from fit_broker.local import describe_channels, make_local_cluster
 from fit_broker.syslog.config import check_against_cluster, default_settings_path, load_settings
@@ -128,17 +128,13 @@ def test_syslog_config_error_under_twistd_is_one_line(tmp_path):
 
 
 def _keyless(tmp_path, scheme, plugins=False):
-    lines = ["[cluster]", 'name = "demo"', "faults = 0"]
-    if plugins:
-        lines.append(f'plugin_folders = ["{os.path.join(ROOT, "plugins")}"]')
-    lines += [
-        "[[replicas]]", 'listen = "tcp:7450:interface=127.0.0.1"', 'connect = "tcp:127.0.0.1:7450"',
-        "[clients.probe]",
-        "[[channels]]", 'tag = "demo"', f'scheme = "{scheme}"',
-        'publishers = ["probe"]', 'subscribers = ["probe"]',
-    ]
+    text = cluster_toml(
+        "demo", 0, [7450], ["probe"], [("demo", "demo", "default", "cft", scheme, ["probe"], ["probe"])],
+        keys_dir=None, tls=False, admins=[], classes={},
+        plugin_folders=[os.path.join(ROOT, "plugins")] if plugins else (),
+    )
     path = tmp_path / "demo.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(text)
     return load_config(str(path))
 
 

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from benchmarks.cluster import free_ports, twistd, wait_for_port
-from fit_broker.init import init_cluster
+from fit_broker.init import cluster_toml, init_cluster
 from tests.processes import ROOT, ReplicaProcesses
 
 pytestmark = pytest.mark.integration
@@ -93,8 +93,7 @@ def test_daemonized_replica_with_its_port_taken_exits_with_one_line(tmp_path):
     port = taken.getsockname()[1]
     config = tmp_path / "cluster.toml"
     config.write_text(
-        "[cluster]\nfaults = 0\n[[replicas]]\n"
-        f'listen = "tcp:{port}:interface=127.0.0.1"\nconnect = "tcp:127.0.0.1:{port}"\n'
+        cluster_toml("demo", 0, [port], ["probe"], [], keys_dir=None, tls=False, admins=[], classes={})
     )
     try:
         result, elapsed = daemonized(tmp_path, "fitbroker", "--config", str(config), "--replica-id", "0")
@@ -140,8 +139,10 @@ def test_twistd_names_an_unknown_scheme_on_a_keyless_cluster(tmp_path):
     """A keyless cluster naming a scheme no plugin provides stops with that, not with a missing keys_dir."""
     config = tmp_path / "cluster.toml"
     config.write_text(
-        '[cluster]\nfaults = 0\n[[replicas]]\nlisten = "tcp:7450"\nconnect = "tcp:127.0.0.1:7450"\n'
-        '[clients.probe]\n[[channels]]\ntag = "demo"\nscheme = "rot14"\npublishers = ["probe"]\n'
+        cluster_toml(
+            "demo", 0, [7450], ["probe"], [("demo", "demo", "default", "cft", "rot14", ["probe"], [])],
+            keys_dir=None, tls=False, admins=[], classes={},
+        )
     )
     result = run(twistd() + ["-n", "fitbroker", "--config", str(config), "--replica-id", "0"], cwd=str(tmp_path))
     line = one_line(result)

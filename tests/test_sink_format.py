@@ -7,6 +7,7 @@ memory transport.
 import json
 import os
 import re
+import tomllib
 
 import pytest
 from twisted.internet.task import Clock
@@ -16,6 +17,7 @@ from zope.interface.verify import verifyObject
 
 from fit_broker.config import parse_config
 from fit_broker.errors import ConfigError
+from fit_broker.init import cluster_toml
 from fit_broker.sink._interfaces import ISink
 from fit_broker.sink.config import (
     FileSinkSpec,
@@ -165,14 +167,17 @@ def test_settings_errors_name_file_and_key(change, fragment):
     assert str(error.value).startswith("/etc/sink.toml: ") and fragment in str(error.value)
 
 
+def cluster_text(subscribers=("console",)):
+    """A cluster file whose channel C{events} C{probe} publishes to and C{subscribers} read."""
+    return cluster_toml(
+        "t", 1, range(7401, 7405), ["console", "probe"],
+        [("events", "events", "default", "cft", "si", ["probe"], list(subscribers))],
+        keys_dir=None, tls=False, admins=[], classes={},
+    )
+
+
 def cluster(subscribers=("console",)):
-    data = {
-        "cluster": {"name": "t", "faults": 1},
-        "replicas": [{"listen": f"tcp:{7000 + i}", "connect": f"tcp:127.0.0.1:{7000 + i}"} for i in range(4)],
-        "clients": {"console": {}, "probe": {}},
-        "channels": [{"tag": "events", "publishers": ["probe"], "subscribers": list(subscribers)}],
-    }
-    return parse_config("/etc/cluster.toml", data)
+    return parse_config("/etc/cluster.toml", tomllib.loads(cluster_text(subscribers)))
 
 
 def test_settings_checked_against_cluster():
@@ -377,29 +382,7 @@ def test_slow_sink_does_not_stop_others_writing(tmp_path):
 
 # The twistd plugin's options and service tree.
 
-CLUSTER_TOML = """
-[cluster]
-name = "t"
-faults = 1
-[[replicas]]
-listen = "tcp:7401"
-connect = "tcp:127.0.0.1:7401"
-[[replicas]]
-listen = "tcp:7402"
-connect = "tcp:127.0.0.1:7402"
-[[replicas]]
-listen = "tcp:7403"
-connect = "tcp:127.0.0.1:7403"
-[[replicas]]
-listen = "tcp:7404"
-connect = "tcp:127.0.0.1:7404"
-[clients.console]
-[clients.probe]
-[[channels]]
-tag = "events"
-publishers = ["probe"]
-subscribers = ["console"]
-"""
+CLUSTER_TOML = cluster_text()
 
 SINK_TOML = """
 client = "console"

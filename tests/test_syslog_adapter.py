@@ -8,6 +8,7 @@ receiving what senders wrote.
 
 import base64
 import json
+import tomllib
 
 import pytest
 from twisted.application.internet import StreamServerEndpointService, TimerService, UDPServer
@@ -27,6 +28,7 @@ from twisted.test import iosim
 
 from fit_broker.config import parse_config
 from fit_broker.errors import ConfigError, NoQuorum, RequestFailed
+from fit_broker.init import cluster_toml
 from fit_broker.local import write_local_config
 from fit_broker.config import load_config
 from fit_broker import pki
@@ -685,17 +687,14 @@ def test_cluster_checks(cluster, message):
 
 def test_cluster_check_publish_right():
     """The cluster must let the adapter's client publish to the routed channels."""
-    data = {
-        "cluster": {"faults": 0},
-        "replicas": [{"listen": "tcp:1", "connect": "tcp:h:1"}],
-        "clients": {"syslog": {}, "console": {}},
-        "channels": [
-            {"tag": "syslog", "publishers": ["console"]},
-            {"tag": "syslog-raw", "publishers": ["syslog"]},
-        ],
-    }
+    text = cluster_toml(
+        "t", 0, [7600], ["syslog", "console"],
+        [("syslog", "syslog", "default", "cft", "si", ["console"], []),
+         ("syslog-raw", "syslog-raw", "default", "cft", "si", ["syslog"], [])],
+        keys_dir=None, tls=False, admins=[], classes={},
+    )
     with pytest.raises(ConfigError, match="does not let client 'syslog' publish to channel 'syslog'"):
-        check_against_cluster(settings_of(SETTINGS), parse_config("c.toml", data))
+        check_against_cluster(settings_of(SETTINGS), parse_config("c.toml", tomllib.loads(text)))
 
 
 def test_plugin_found():

@@ -24,6 +24,7 @@ import uuid
 import pytest
 
 from fit_broker import pki
+from fit_broker.init import cluster_toml
 from tests.processes import ReplicaProcesses, free_ports, twistd, wait_for_port
 
 pytestmark = pytest.mark.integration
@@ -38,26 +39,13 @@ needs_rsyslog = pytest.mark.skipif(RSYSLOGD is None, reason="rsyslogd is not ins
 CONNECTIONS = 1000
 
 
-def cluster_toml(ports):
-    lines = ["[cluster]", 'name = "sl"', "faults = 1", 'default_client = "console"', ""]
-    for port in ports:
-        lines += [
-            "[[replicas]]",
-            f'listen = "tcp:{port}:interface=127.0.0.1"',
-            f'connect = "tcp:127.0.0.1:{port}"',
-            "",
-        ]
-    lines += ["[clients.syslog]", "[clients.console]", "", "[classes.big]", "capacity = 100000", ""]
-    for tag in ("syslog", "syslog-raw"):
-        lines += [
-            "[[channels]]",
-            f'tag = "{tag}"',
-            'class = "big"',
-            'publishers = ["syslog"]',
-            'subscribers = ["console"]',
-            "",
-        ]
-    return "\n".join(lines)
+def cluster_file(ports):
+    """The cluster's file: client C{syslog} publishes to both syslog channels, C{console} reads them."""
+    rows = [(tag, tag, "big", "cft", "si", ["syslog"], ["console"]) for tag in ("syslog", "syslog-raw")]
+    return cluster_toml(
+        "sl", 1, ports, ["console", "syslog"], rows, keys_dir=None, tls=False, admins=[],
+        classes={"big": {"capacity": 100000}},
+    )
 
 
 def syslog_toml(port, tls_port):
@@ -203,7 +191,7 @@ def ingest(tmp_path_factory):
     ports = free_ports(6)
     replica_ports, port, tls_port = ports[:4], ports[4], ports[5]
     with open(os.path.join(folder, "cluster.toml"), "w") as f:
-        f.write(cluster_toml(replica_ports))
+        f.write(cluster_file(replica_ports))
     with open(os.path.join(folder, "syslog.toml"), "w") as f:
         f.write(syslog_toml(port, tls_port))
     ca = pki.new_certificate_authority("syslog-e2e")
