@@ -305,3 +305,27 @@ def test_the_replicas_clock_comes_with_the_hello_and_the_median_counts():
     assert "600 s behind" in clock_warning(proxy.clock_offset())
     assert clock_warning(-30.0).startswith("this host's clock is 30 s ahead of")
     assert clock_warning(3.0) is None
+
+
+def test_a_request_made_when_the_quorum_of_links_is_up_is_sent_once_on_each():
+    """A request invoked as soon as enough links are up goes out once on every link, not again with what the last link missed."""
+    from fit_broker.wire.framing import FrameDecoder
+
+    proxy, _ = make_proxy()
+    sent = []
+
+    def invoke(_):
+        sent.append(proxy.invoke(Request(proxy.next_seq(), "status"), 1, retry=True))
+
+    proxy.wait_for_links(3, 10).addCallback(invoke)
+    transports = []
+    for index in range(3):
+        link, transport = make_link(proxy, index)
+        link.dataReceived(hello_ok(index))
+        transports.append(transport)
+    assert sent
+    for transport in transports:
+        frames = FrameDecoder().feed(transport.value())
+        requests = [decode(f) for f in frames]
+        statuses = [r for r in requests if getattr(r, "method", None) == "status"]
+        assert len(statuses) == 1, requests

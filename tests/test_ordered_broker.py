@@ -338,3 +338,15 @@ def test_clients_learn_run_time_channels_from_the_table_replicas_describe():
     assert spec.may_publish("probe") and spec.may_subscribe("console") and not spec.may_publish("console")
     assert spec.qos.ordering == "channel" and spec == a.channels["audit"].spec
     assert table_channels(a.config, {"table": {"channels": {"x": {"class": "missing"}}}}) == {}
+
+
+def test_every_request_waiting_on_one_table_change_gets_its_result():
+    """A change that reached a replica twice (a client's resend) is answered ok on both, not 'not applied' on the second."""
+    (a,), rings = _admin_machines(1)
+    request = _admin_request(rings, {"op": "grant", "tag": "events", "client": "ops", "role": "subscribe"})
+    assert a.handle("ops", request, NOW, "first") is None
+    assert a.handle("ops", request, NOW, "second") is None
+    Log(a).decide(a.take_proposals()[:1])
+    answers = dict(a.take_answers())
+    assert answers["first"].ok and answers["second"].ok, answers
+    assert not a._table_results

@@ -751,13 +751,6 @@ def test_control_table_changes_while_publishing(run):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a client sends its first request after wait_for_links twice on the link that completed "
-    "the quorum (ServiceProxy.link_up fires the link waiters before resending unanswered frames, and "
-    "the waiter's request is already in them); the replica waits on the change twice and answers the "
-    "second copy 'refused: not applied' (BrokerStateMachine._answer pops the one result per token)",
-)
 def test_every_replica_answers_an_applied_change_ok(run):
     """Each change `fitbroker admin` makes on an idle cluster is applied by every replica, and no replica answers it refused."""
     run.cluster()

@@ -334,7 +334,7 @@ class BrokerStateMachine:
         request = waiting.request
         if request.method == units.ADMIN:
             value = next(iter(waiting.decided_values), None)
-            ok, text = self._table_results.pop(value, (False, "not applied"))
+            ok, text = self._table_results.get(value, (False, "not applied"))
             if not ok:
                 return Reply(request.seq, REFUSED, text)
             return Reply(request.seq, Status.OK, text, info={"version": self.table.version, "position": max(waiting.positions)})
@@ -439,9 +439,12 @@ class BrokerStateMachine:
         if len(positions) > POSITIONS_MEMORY:
             positions.popitem(last=False)
         tokens = self._waiting.pop(value, None)
-        if not tokens:
-            self._table_results.pop(value, None)
-            return
+        if tokens:
+            self._answer_waiting(tokens, value, position)
+        # every request waiting on a table change got its result
+        self._table_results.pop(value, None)
+
+    def _answer_waiting(self, tokens, value, position):
         for token in tokens:
             waiting = self._tokens.get(token)
             if waiting is None:

@@ -354,14 +354,16 @@ class ServiceProxy:
         self.links[index] = link
         self.refusals.pop(index, None)
         self.unreachable.pop(index, None)
+        # what the link missed goes first: a waiter woken below may invoke,
+        # and its request must be written on this link once, not again here
+        unanswered = self._unanswered[index]
+        if unanswered:
+            link.transport.writeSequence([p.frame for p in unanswered.values()])
         for waiter in list(self._ready_waiters):
             if len(self.links) >= waiter[0]:
                 self._ready_waiters.remove(waiter)
                 waiter[2].cancel()
                 waiter[1].callback(len(self.links))
-        unanswered = self._unanswered[index]
-        if unanswered:
-            link.transport.writeSequence([p.frame for p in unanswered.values()])
         for hook in self.on_link_up:
             hook(index)
 

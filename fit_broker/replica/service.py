@@ -355,8 +355,10 @@ class Replica:
                 full["agreement"] = {
                     **self.replicated_log.orderer.status(),
                     "position": self.broker.state.position,
-                    "counters": dict(self.replicated_log.counters),
+                    "log_counters": dict(self.replicated_log.counters),
                 }
+                if self.peers is not None:
+                    full["agreement"]["links"] = self.peers.status()
             return full
         return {**self.broker.snapshot(client), **clock}
 
