@@ -523,28 +523,9 @@ class Subscriber:
         self._ordered_handed(stream, items)
 
     def _hand_over_ordered(self, stream, items):
-        record = stream.record
         batches = [item.batch for item in items]
-        if record is not None:
-            for batch in batches:
-                if record.was_maybe_repeated((batch[0], batch[1])):
-                    self.count("repeated-after-crash")
-            try:
-                record.handing(
-                    [(batch[0], batch[1], batch[4]) for batch in batches],
-                    order=(items[-1].position, items[-1].seq),
-                )
-            except FitBrokerError as e:
-                self.count("unrecorded")
-                self.log.warn("cannot record deliveries of {tag}: {why}", tag=stream.tag, why=e)
-        try:
-            opened = self._open_ordered(stream.tag, items)
-            if not stream.batches:
-                opened = [event for batch in opened for event in batch.events()]
-            result = stream.callback(opened)
-        except Exception:
-            self.log.failure("the application failed on events of {tag}", tag=stream.tag)
-            result = None
+        self._record_handing(stream, batches, order=(items[-1].position, items[-1].seq))
+        result = self._call_back(stream, batches, [(item.position, item.seq) for item in items])
         if not isinstance(result, Deferred):
             self._ordered_handed(stream, items)
             return
@@ -574,24 +555,6 @@ class Subscriber:
                 else:
                     self._ack(stream.tag, (key,), replica)
         self._handed(stream, everyone)
-
-    def _open_ordered(self, tag, items):
-        scheme = self.schemes(self.config.channels[tag].scheme)
-        keys = self.keys
-        opened = []
-        for item in items:
-            batch = item.batch
-            try:
-                contents = scheme.open(keys, tag, batch)
-            except ValueError as e:
-                self.proxy.count(f"unopenable:{tag}")
-                self.log.warn(
-                    "cannot open a batch of {publisher} on {tag}: {why}",
-                    publisher=batch[0], tag=tag, why=e,
-                )
-                continue
-            opened.append(DeliveredBatch(*batch[:5], contents, position=item.position, seq=item.seq))
-        return opened
 
     def _reopen(self, stream, index):
         """
@@ -663,26 +626,9 @@ class Subscriber:
             self._ack(stream.tag, (key,), index, "dropped")
 
     def _hand_over(self, stream, decided):
-        record = stream.record
         keys = [(batch[0], batch[1]) for batch in decided]
-        if record is not None:
-            for key in keys:
-                if record.was_maybe_repeated(key):
-                    self.count("repeated-after-crash")
-            try:
-                record.handing([(batch[0], batch[1], batch[4]) for batch in decided])
-            except FitBrokerError as e:
-                # delivering matters more than remembering: hand over, and say so
-                self.count("unrecorded")
-                self.log.warn("cannot record deliveries of {tag}: {why}", tag=stream.tag, why=e)
-        try:
-            opened = self._open(stream.tag, decided)
-            if not stream.batches:
-                opened = [event for batch in opened for event in batch.events()]
-            result = stream.callback(opened)
-        except Exception:
-            self.log.failure("the application failed on events of {tag}", tag=stream.tag)
-            result = None
+        self._record_handing(stream, decided)
+        result = self._call_back(stream, decided)
         if not isinstance(result, Deferred):
             self._handed(stream, keys)
             return
@@ -699,6 +645,39 @@ class Subscriber:
 
         result.addErrback(self._callback_failed, stream.tag)
         result.addBoth(done)
+
+    def _record_handing(self, stream, batches, order=None):
+        """
+        Record that C{batches} are about to be handed over (C{order}: the
+        last one's C{(position, seq)} on an ordered channel), counting those
+        a crash may have handed over already.
+        """
+        record = stream.record
+        if record is None:
+            return
+        for batch in batches:
+            if record.was_maybe_repeated((batch[0], batch[1])):
+                self.count("repeated-after-crash")
+        try:
+            record.handing([(batch[0], batch[1], batch[4]) for batch in batches], order=order)
+        except FitBrokerError as e:
+            # delivering matters more than remembering: hand over, and say so
+            self.count("unrecorded")
+            self.log.warn("cannot record deliveries of {tag}: {why}", tag=stream.tag, why=e)
+
+    def _call_back(self, stream, batches, places=None):
+        """
+        Open C{batches} and give them (or their events) to the application;
+        its result, or C{None} if it failed.
+        """
+        try:
+            opened = self._open(stream.tag, batches, places)
+            if not stream.batches:
+                opened = [event for batch in opened for event in batch.events()]
+            return stream.callback(opened)
+        except Exception:
+            self.log.failure("the application failed on events of {tag}", tag=stream.tag)
+            return None
 
     def _handed(self, stream, keys):
         stream.in_hand.difference_update(keys)
@@ -860,15 +839,17 @@ class Subscriber:
     def _events(self, tag, decided):
         return [event for batch in self._open(tag, decided) for event in batch.events()]
 
-    def _open(self, tag, decided):
+    def _open(self, tag, decided, places=None):
         """
         Open and decode decided batches into L{DeliveredBatch}es; a batch
         that cannot be opened is counted and logged.
+
+        @param places: on an ordered channel, each batch's C{(position, seq)}.
         """
         scheme = self.schemes(self.config.channels[tag].scheme)
         keys = self.keys
         events = []
-        for batch in decided:
+        for i, batch in enumerate(decided):
             try:
                 contents = scheme.open(keys, tag, batch)
             except ValueError as e:
@@ -878,7 +859,8 @@ class Subscriber:
                     publisher=batch[0], tag=tag, why=e,
                 )
                 continue
-            events.append(DeliveredBatch(*batch[:5], contents))
+            position, seq = places[i] if places is not None else (None, None)
+            events.append(DeliveredBatch(*batch[:5], contents, position=position, seq=seq))
         return events
 
     def receive(self, tag, count):
