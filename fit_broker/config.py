@@ -72,6 +72,9 @@ class ClusterConfig:
         (L{IOrderingFactory}), or C{None} when the cluster cannot run one
         (see L{orderer_problem}).
     @ivar orderer_problem: why no ordering protocol runs, or C{None}.
+    @ivar leader_timeout: seconds without progress before replicas replace
+        the leader (doubling while no leader succeeds).
+    @ivar checkpoint_interval: decided instances between two checkpoints.
     """
 
     path: str
@@ -89,6 +92,8 @@ class ClusterConfig:
     admins: frozenset = frozenset()
     orderer: str | None = None
     orderer_problem: str | None = None
+    leader_timeout: float = 2.0
+    checkpoint_interval: int = 64
 
     @property
     def folder(self):
@@ -210,7 +215,7 @@ def parse_config(path, data):
     cluster = top.sub("cluster")
     cluster.unknown_keys(
         {"name", "faults", "default_client", "plugin_folders", "max_clock_skew", "keys_dir", "tls",
-         "admins", "orderer"}
+         "admins", "orderer", "leader_timeout", "checkpoint_interval"}
     )
     name = cluster.get("name", str, "the cluster's name", "fitbroker")
     folder = os.path.dirname(os.path.abspath(path))
@@ -310,7 +315,16 @@ def parse_config(path, data):
         admins=admins,
         orderer=orderer,
         orderer_problem=orderer_problem,
+        leader_timeout=_positive(cluster, "leader_timeout", float, "seconds", 2.0),
+        checkpoint_interval=_positive(cluster, "checkpoint_interval", int, "decided instances", 64),
     )
+
+
+def _positive(reader, key, kind, what, default):
+    value = reader.get(key, kind, f"a positive number of {what}", default)
+    if not value > 0:
+        reader.fail(key, f"a positive number of {what}, found {value}")
+    return value
 
 
 def _orderer(cluster, channels, replicas, faults, keys_dir):

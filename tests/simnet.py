@@ -120,8 +120,13 @@ class SimNet:
             factory = registry.find(IOrderingFactory, self.config.orderer)
             orderer = factory(
                 index, len(self.config.replicas), self.config.faults, self.cryptos[index],
-                validate=validate, clock_skew=self.config.max_clock_skew,
-                recovering=index in self.restarted, **self.orderer_options,
+                **{
+                    "validate": validate, "clock_skew": self.config.max_clock_skew,
+                    "recovering": index in self.restarted,
+                    "leader_timeout": self.config.leader_timeout,
+                    "checkpoint_interval": self.config.checkpoint_interval,
+                    **self.orderer_options,
+                },
             )
             replica.attach_log(orderer, lambda to, kind, body: self._peer_send(index, to, kind, body))
         return replica

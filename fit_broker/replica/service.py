@@ -511,4 +511,5 @@ def make_orderer(config, index, keys, recovering=False):
     return factory(
         index, len(config.replicas), config.faults, crypto,
         validate=validate, clock_skew=config.max_clock_skew, recovering=recovering,
+        leader_timeout=config.leader_timeout, checkpoint_interval=config.checkpoint_interval,
     )
