@@ -176,3 +176,44 @@ def test_readme_sample_keys_load(tmp_path):
     config = load_config(write(tmp_path, sample))
     assert config.is_admin("local")
     assert config.classes["standard"].max_bytes == 16777216
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("leader_timeout = 0", "[cluster.leader_timeout]: expected a positive number of seconds, found 0"),
+        ("checkpoint_interval = -4", "[cluster.checkpoint_interval]: expected a positive number of decided instances"),
+        ('orderer = "paxos-made-simple"', "[cluster.orderer]: expected one of"),
+    ],
+)
+def test_ordering_settings_are_checked(extra, message):
+    """The orderer's settings in [cluster] are checked, each refusal one line naming the key."""
+    from fit_broker.config import parse_config
+    from fit_broker.errors import FitBrokerError
+    from fit_broker.init import cluster_toml, sample_channels
+
+    clients = ["local", "probe"]
+    text = cluster_toml("t", 1, range(7400, 7404), clients, sample_channels(clients))
+    text = text.replace("[cluster]\n", f"[cluster]\n{extra}\n", 1)
+    with pytest.raises(FitBrokerError) as raised:
+        parse_config("cluster.toml", tomllib.loads(text))
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_ordered_channels_refused_where_the_orderer_cannot_run():
+    """An ordered channel in a cluster too small for its orderer stops the configuration with one line."""
+    from fit_broker.config import parse_config
+    from fit_broker.errors import ConfigError
+    from fit_broker.init import cluster_toml, sample_channels
+
+    clients = ["local", "probe"]
+    text = cluster_toml("t", 1, range(7400, 7403), clients,
+                        [row for row in sample_channels(clients) if row[3] == "cft" or row[2] == "ordered"])
+    text = text.replace('class = "ordered"\nqop = "bft"', 'class = "ordered"\nqop = "cft"')
+    config = parse_config("cluster.toml", tomllib.loads(text))
+    assert config.orderer == "multi-paxos"
+    small = cluster_toml("t", 1, range(7400, 7402), clients,
+                         [row for row in sample_channels(clients) if row[2] == "ordered"])
+    small = small.replace('qop = "bft"', 'qop = "cft"')
+    with pytest.raises(ConfigError, match=r"\[cluster.orderer\]: expected an ordering protocol this cluster can run"):
+        parse_config("cluster.toml", tomllib.loads(small))
