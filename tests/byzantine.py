@@ -8,8 +8,8 @@ bytes} applied to each L{Delivery} and L{Reply} the replica would send.
 
 import random
 
-from fit_broker.units import BATCH_FIELDS, Delivery, Reply, pack_contents, unpack_contents
-from fit_broker.wire.codec import decode, encode_delivery, encode_reply
+from fit_broker.units import BATCH_FIELDS, Delivery, OrderedDelivery, Reply, pack_contents, unpack_contents
+from fit_broker.wire.codec import decode, encode_delivery, encode_ordered_delivery, encode_reply
 from fit_broker.replica.protocol import ReplicaProtocol
 from fit_broker.replica.service import Replica
 
@@ -30,6 +30,8 @@ class _Rewriting:
                 self._transport.write(out)
             elif isinstance(out, Delivery):
                 self._transport.write(encode_delivery(out.channel, out.batches))
+            elif isinstance(out, OrderedDelivery):
+                self._transport.write(encode_ordered_delivery(out.channel, out.entries, out.watermark))
             else:
                 self._transport.write(encode_reply(out))
 
@@ -238,5 +240,35 @@ def unfetchable(mode="drop"):
                 junk.append(_with(b, first_id=counter[0], payload=pack_contents([b"unasked"])))
             return [Reply(message.seq, message.status, message.text, tuple(junk), message.channel)]
         return [message]
+
+    return behaviour
+
+
+def ordered_liar(seed=7):
+    """
+    A behaviour for ordered channels: each entry is sent altered in one way
+    at random (its digest, its position, its sequence number, a tombstone
+    instead of the batch, or a forged batch in full), or withheld.
+    """
+    rng = random.Random(seed)
+
+    def behaviour(protocol, message):
+        if not isinstance(message, OrderedDelivery):
+            return [message]
+        entries = []
+        for position, seq, batch, note, span in message.entries:
+            kind = rng.randrange(6)
+            if kind == 0:
+                entries.append((position, seq, _evil(batch), note, span))
+            elif kind == 1:
+                entries.append((position + 1, seq, batch, note, span))
+            elif kind == 2:
+                entries.append((position, seq + 1, batch, note, span))
+            elif kind == 3:
+                header = batch[:5] + (b"", batch[6] if not batch[5] else bytes(32))
+                entries.append((position, seq, header, "expired", 1))
+            elif kind == 4:
+                entries.append((position, seq, _with(batch, payload=pack_contents([b"EVIL"]), proof=b""), "", 1))
+        return [OrderedDelivery(message.channel, tuple(entries), message.watermark + 1000)]
 
     return behaviour

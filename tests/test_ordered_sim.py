@@ -239,3 +239,24 @@ def test_one_restarted_replica_waits_to_vote_until_it_caught_up():
     status = net.replicas[2].replicated_log.orderer.status()
     assert status["recovering"] is False
     assert len({r.broker.state.position for r in net.replicas}) == 1
+
+
+def test_a_replica_lying_in_its_ordered_deliveries_changes_nothing_subscribers_deliver():
+    """One replica alters, shifts, tombstones, forges or withholds every ordered entry it sends: subscribers still deliver every event once, unaltered, in one order."""
+    from tests.byzantine import ordered_liar
+
+    config = cluster_config(
+        ("events",), qop="bft", keys_dir="keys", ordering="channel",
+        clients=("probe", "console", "console2"),
+    )
+    net = SimNet(config, faulty={3: ordered_liar()})
+    _, got1 = _subscribe(net, "console")
+    _, got2 = _subscribe(net, "console2")
+    publisher = net.client("probe")
+    contents = [b"e%d" % i for i in range(40)]
+    for content in contents:
+        _publish(net, publisher, [content])
+        net.run(seconds=0.05)
+    net.run(seconds=5)
+    assert [e.content for e in got1] == contents
+    assert _seen(got1) == _seen(got2)
