@@ -28,7 +28,7 @@ from tests.byzantine import ByzantineReplicaProtocol
 
 def cluster_config(
     channels=("events",), replicas=4, faults=1, clients=("probe", "console"), qop="cft",
-    scheme="si", voter=None, keys_dir=None, **qos
+    scheme="si", voter=None, keys_dir=None, admins=(), **qos
 ):
     """
     Return a L{ClusterConfig} for tests: C{channels} each with class C{qos},
@@ -37,7 +37,7 @@ def cluster_config(
     text = cluster_toml(
         "sim", faults, [7600 + i for i in range(replicas)], list(clients),
         [(tag, tag, "test", qop, scheme, clients, clients, voter) for tag in channels],
-        keys_dir=keys_dir, tls=False, admins=[],
+        keys_dir=keys_dir, tls=False, admins=list(admins),
         classes={"test": dict({"capacity": 1000, "ttl": 60}, **qos)},
     )
     return parse_config("<sim>", tomllib.loads(text))
