@@ -8,11 +8,11 @@ A failing run prints how to replay it: ``--agreement-seed KIND:N``;
 ``--agreement-seeds N`` runs N seeds in all.
 """
 
-import shlex
-
 import pytest
 
 from tests.agreement_sim import KINDS, Broken, Sim
+from tests.seeds import chosen_runs, parametrize_runs
+from tests.seeds import replay_command as _replay_command
 
 DEFAULT_SEEDS = 2016
 
@@ -21,40 +21,18 @@ KNOWN_BUGS = {}
 
 
 def replay_command(kind, seed):
-    return (
-        "python3 -m pytest tests/test_agreement_sim.py -p no:cacheprovider -q "
-        + shlex.quote(f"--agreement-seed={kind}:{seed}")
-    )
+    return _replay_command("tests/test_agreement_sim.py", "--agreement-seed", kind, seed)
 
 
 def pytest_generate_tests(metafunc):
     if "kind" not in metafunc.fixturenames:
         return
-    chosen = metafunc.config.getoption("agreement_seed")
-    if chosen:
-        runs = []
-        for text in chosen:
-            kind, _, seed = text.rpartition(":")
-            if kind not in KINDS or not seed.isdigit():
-                raise pytest.UsageError(
-                    f"--agreement-seed {text!r}: expected KIND:N, KIND one of {', '.join(KINDS)}"
-                )
-            runs.append((kind, int(seed)))
-    else:
+    runs = chosen_runs(metafunc.config, "--agreement-seed", KINDS)
+    if runs is None:
         total = metafunc.config.getoption("agreement_seeds") or DEFAULT_SEEDS
         per_kind = max(1, total // len(KINDS))
         runs = [(kind, seed) for kind in KINDS for seed in range(per_kind)]
-    metafunc.parametrize(
-        ("kind", "seed"),
-        [
-            pytest.param(
-                kind, seed, id=f"{kind}-{seed}",
-                marks=[pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[(kind, seed)])]
-                if (kind, seed) in KNOWN_BUGS else [],
-            )
-            for kind, seed in runs
-        ],
-    )
+    parametrize_runs(metafunc, runs, KNOWN_BUGS)
 
 
 def test_agreement_run(kind, seed):

@@ -18,7 +18,6 @@ runs N seeds of every kind.
 """
 
 import random
-import shlex
 
 import pytest
 from twisted.internet.defer import Deferred
@@ -27,6 +26,8 @@ from twisted.logger import globalLogPublisher
 from fit_broker import units
 from fit_broker.units import Request, pack_contents
 from tests import byzantine
+from tests.seeds import chosen_runs, parametrize_runs
+from tests.seeds import replay_command as _replay_command
 from tests.simnet import SimNet, cluster_config, drop_link, prune_links
 
 SUBSCRIBERS = ("console", "dashboard")
@@ -59,37 +60,17 @@ KNOWN_BUGS = {}
 
 
 def replay_command(kind, seed):
-    return (
-        "python3 -m pytest tests/test_seeded_sim.py -p no:cacheprovider -q "
-        + shlex.quote(f"--seed={kind}:{seed}")
-    )
+    return _replay_command("tests/test_seeded_sim.py", "--seed", kind, seed)
 
 
 def pytest_generate_tests(metafunc):
     if "kind" not in metafunc.fixturenames:
         return
-    chosen = metafunc.config.getoption("seed")
-    if chosen:
-        runs = []
-        for text in chosen:
-            kind, _, seed = text.rpartition(":")
-            if kind not in KINDS or not seed.isdigit():
-                raise pytest.UsageError(f"--seed {text!r}: expected KIND:N, KIND one of {', '.join(KINDS)}")
-            runs.append((kind, int(seed)))
-    else:
+    runs = chosen_runs(metafunc.config, "--seed", KINDS)
+    if runs is None:
         seeds = metafunc.config.getoption("seeds") or DEFAULT_SEEDS
         runs = [(kind, seed) for kind in KINDS for seed in range(seeds)]
-    metafunc.parametrize(
-        ("kind", "seed"),
-        [
-            pytest.param(
-                kind, seed, id=f"{kind}-{seed}",
-                marks=[pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[(kind, seed)])]
-                if (kind, seed) in KNOWN_BUGS else [],
-            )
-            for kind, seed in runs
-        ],
-    )
+    parametrize_runs(metafunc, runs, KNOWN_BUGS)
 
 
 class Broken(AssertionError):
