@@ -791,19 +791,31 @@ class Orderer:
         if not self.byzantine:
             self._count("drop_unexpected")
             return
+        digest = self._take_vote(sender, m, raw, "writes")
+        if digest is not None:
+            self._check_writes(digest)
+
+    def _take_vote(self, sender, m, raw, table):
+        """
+        Record C{sender}'s WRITE or ACCEPT C{m} in the current slot's
+        C{table} (C{"writes"} or C{"accepts"}) and return its digest; or
+        C{None} when it is not for this slot, its sender signed badly
+        before, or the sender voted already (a different digest is counted).
+        """
         _, instance, regency, digest, signature = m
         if not self._processable(sender, instance, regency, m, raw):
-            return
+            return None
         slot = self._slot
         if sender in slot.bad:
-            return
-        for d, votes in slot.writes.items():
+            return None
+        tally = getattr(slot, table)
+        for d, votes in tally.items():
             if sender in votes:
                 if d != digest:
                     self._count("conflicting_vote")
-                return
-        slot.writes.setdefault(digest, {})[sender] = signature
-        self._check_writes(digest)
+                return None
+        tally.setdefault(digest, {})[sender] = signature
+        return digest
 
     def _check_quorum(self, votes, checked, kind, digest):
         """
@@ -865,19 +877,9 @@ class Orderer:
         self._check_accepts(digest)
 
     def _on_accept(self, sender, m, raw, now):
-        _, instance, regency, digest, signature = m
-        if not self._processable(sender, instance, regency, m, raw):
-            return
-        slot = self._slot
-        if sender in slot.bad:
-            return
-        for d, votes in slot.accepts.items():
-            if sender in votes:
-                if d != digest:
-                    self._count("conflicting_vote")
-                return
-        slot.accepts.setdefault(digest, {})[sender] = signature
-        self._check_accepts(digest)
+        digest = self._take_vote(sender, m, raw, "accepts")
+        if digest is not None:
+            self._check_accepts(digest)
 
     def _check_accepts(self, digest):
         slot = self._slot
