@@ -154,6 +154,12 @@ def _check_entries(entries):
     return entries
 
 
+def _expect_types(what, fields, types):
+    """Refuse a message unless each of its C{fields} has exactly the type in C{types}."""
+    if tuple(map(type, fields)) != types:
+        raise ProtocolError(f"{what} fields have the wrong types")
+
+
 def decode(payload):
     """
     Decode one frame payload into a L{Request}, L{Reply}, L{Delivery} or
@@ -193,38 +199,19 @@ def decode(payload):
             return OrderedDelivery(channel, _check_entries(entries), watermark)
         if kind == REQUEST:
             _, seq, method, channel, count, batches, options = message
-            if (
-                type(seq) is not int
-                or type(method) is not str
-                or type(channel) is not str
-                or type(count) is not int
-                or type(options) is not dict
-            ):
-                raise ProtocolError("request fields have the wrong types")
+            _expect_types("request", (seq, method, channel, count, options), (int, str, str, int, dict))
             if method not in METHODS:
                 raise ProtocolError(f"unknown method {method[:40]!r}")
             return Request(seq, method, channel, count, _check_batches(batches), options)
         if kind == REPLY:
             _, seq, status, text, channel, batches, info = message
-            if (
-                type(seq) is not int
-                or type(status) is not str
-                or type(text) is not str
-                or type(channel) is not str
-                or type(info) is not dict
-            ):
-                raise ProtocolError("reply fields have the wrong types")
+            _expect_types("reply", (seq, status, text, channel, info), (int, str, str, str, dict))
             return Reply(seq, status, text, _check_batches(batches), channel, info)
         if kind == PEER:
             _, sender, counter, peer_kind, body, mac = message
-            if (
-                type(sender) is not int
-                or type(counter) is not int
-                or type(peer_kind) is not str
-                or type(body) is not bytes
-                or type(mac) is not bytes
-            ):
-                raise ProtocolError("peer frame fields have the wrong types")
+            _expect_types(
+                "peer frame", (sender, counter, peer_kind, body, mac), (int, int, str, bytes, bytes)
+            )
             return PeerFrame(sender, counter, peer_kind, body, mac)
     except ValueError:
         raise ProtocolError(f"message of kind {kind} has the wrong number of fields") from None
