@@ -14,6 +14,7 @@ from collections import deque
 
 import msgpack
 
+from fit_broker.broker.queue import BoundedQueue
 from fit_broker.dedup import IdRanges
 from fit_broker.units import (
     BATCH_OVERHEAD,
@@ -217,7 +218,7 @@ POSITION, SEQ, REF, NOTE, SPAN, COST, SIZE, STATE = range(8)
 QUEUED, SENT, GONE = 0, 1, 2
 
 
-class OrderedQueue:
+class OrderedQueue(BoundedQueue):
     """
     One subscriber's entries of one ordered channel, in sequence order.
 
@@ -229,27 +230,8 @@ class OrderedQueue:
     """
 
     def __init__(self, capacity, overflow="drop-oldest", max_bytes=None):
-        self.capacity = capacity
-        self.max_bytes = max_bytes if max_bytes is not None else 1 << 62
-        self.drop_oldest = overflow == "drop-oldest"
+        super().__init__(capacity, overflow, max_bytes)
         self.entries = deque()
-        self.size = 0
-        self.bytes = 0
-        self.unacked_events = 0
-        self.unacked_bytes = 0
-        self._index = {}
-        self._unacked = {}
-        self.counters = {
-            "enqueued": 0, "delivered": 0, "expired": 0, "overflowed": 0, "skipped": 0,
-            "resent": 0, "dropped-by-voter": 0,
-        }
-
-    def __len__(self):
-        return self.size
-
-    @property
-    def unacked(self):
-        return len(self._unacked)
 
     @property
     def waiting(self):
@@ -279,7 +261,7 @@ class OrderedQueue:
         self.size += count
         self.bytes += nbytes
         self.counters["enqueued"] += count
-        if self.size > self.capacity or self.bytes > self.max_bytes:
+        if self._over_bounds():
             self._overflow(entry)
 
     def _tombstone(self, position, seq, ref, note):
@@ -313,7 +295,7 @@ class OrderedQueue:
             self._merge_tail()
             return
         for entry in self.entries:
-            if not (self.size > self.capacity or self.bytes > self.max_bytes):
+            if not self._over_bounds():
                 break
             if entry[STATE] == QUEUED and not entry[NOTE]:
                 self._bury(entry, OVERFLOW)
@@ -389,7 +371,7 @@ class OrderedQueue:
             nbytes += size
             if events >= max_events or nbytes >= max_bytes:
                 break
-        if self.unacked_events > MAX_CREDIT_EVENTS or self.unacked_bytes > MAX_CREDIT_BYTES:
+        if self._over_credit():
             self._overflow_unacked()
         return taken
 
@@ -400,7 +382,7 @@ class OrderedQueue:
         become tombstones (still unacknowledged, so they are sent again).
         """
         for entry in self._unacked.values():
-            if not (self.unacked_events > MAX_CREDIT_EVENTS or self.unacked_bytes > MAX_CREDIT_BYTES):
+            if not self._over_credit():
                 break
             if not entry[NOTE]:
                 self.unacked_events -= entry[COST]
@@ -452,10 +434,7 @@ class OrderedQueue:
             self.entries.appendleft(entry)
             if not entry[NOTE]:
                 events += entry[COST]
-        self.size += self.unacked_events
-        self.bytes += self.unacked_bytes
-        self.unacked_events = self.unacked_bytes = 0
-        self.counters["resent"] += events
+        self._requeued(events)
         return events
 
     def expire(self, now):
@@ -500,13 +479,8 @@ class OrderedQueue:
         """
         Skip everything waiting or unacknowledged; return the events skipped.
         """
-        skipped = self.size + self.unacked_events
         self.entries.clear()
-        self._index.clear()
-        self._unacked.clear()
-        self.size = self.bytes = self.unacked_events = self.unacked_bytes = 0
-        self.counters["skipped"] += skipped
-        return skipped
+        return self._cleared()
 
 
 class OrderedStream:

@@ -16,8 +16,72 @@ QUEUED, SENT, GONE = 0, 1, 2
 # so that the batch is dropped when it arrives instead of being sent later.
 ACKED_AHEAD_WINDOW = 8192
 
+# What every subscriber queue counts, in events.
+QUEUE_COUNTERS = ("enqueued", "delivered", "expired", "overflowed", "skipped", "resent", "dropped-by-voter")
 
-class OutputQueue:
+
+class BoundedQueue:
+    """
+    What a subscriber's queue, ordered or not, bounds and counts: the events
+    and bytes waiting (at most C{capacity} and C{max_bytes} before overflow
+    discards), those sent and not acknowledged (at most the credit a
+    subscriber may hold), and what became of them (L{QUEUE_COUNTERS}).
+    """
+
+    __slots__ = (
+        "capacity", "max_bytes", "drop_oldest", "size", "bytes", "counters",
+        "_index", "_unacked", "unacked_events", "unacked_bytes",
+    )
+
+    def __init__(self, capacity, overflow="drop-oldest", max_bytes=None):
+        self.capacity = capacity
+        self.max_bytes = max_bytes if max_bytes is not None else 1 << 62
+        self.drop_oldest = overflow == "drop-oldest"
+        self.size = 0
+        self.bytes = 0
+        self.unacked_events = 0
+        self.unacked_bytes = 0
+        self._index = {}
+        self._unacked = {}
+        self.counters = dict.fromkeys(QUEUE_COUNTERS, 0)
+
+    def __len__(self):
+        return self.size
+
+    @property
+    def unacked(self):
+        return len(self._unacked)
+
+    def _over_bounds(self):
+        return self.size > self.capacity or self.bytes > self.max_bytes
+
+    def _over_credit(self):
+        return self.unacked_events > MAX_CREDIT_EVENTS or self.unacked_bytes > MAX_CREDIT_BYTES
+
+    def _requeued(self, events):
+        """
+        Count what was sent and not acknowledged as waiting again, C{events}
+        of it as resent.
+        """
+        self.size += self.unacked_events
+        self.bytes += self.unacked_bytes
+        self.unacked_events = self.unacked_bytes = 0
+        self.counters["resent"] += events
+
+    def _cleared(self):
+        """
+        Forget every entry, waiting or unacknowledged, counting their events
+        as skipped; return them.
+        """
+        skipped = self.size + self.unacked_events
+        self._index.clear()
+        self._unacked.clear()
+        self.size = self.bytes = self.unacked_events = self.unacked_bytes = 0
+        self.counters["skipped"] += skipped
+        return skipped
+
+
+class OutputQueue(BoundedQueue):
     """
     Batches waiting for one subscriber of one channel, bounded in events and
     in bytes, and the batches sent to it that it has not acknowledged yet.
@@ -40,40 +104,13 @@ class OutputQueue:
     Entries come in as C{(count, outgoing batch, full batch, bytes)}.
     """
 
-    __slots__ = (
-        "capacity", "max_bytes", "drop_oldest", "levels", "size", "bytes", "counters",
-        "_index", "_unacked", "unacked_events", "unacked_bytes", "_acked_ahead",
-    )
+    __slots__ = ("levels", "_acked_ahead")
 
     def __init__(self, capacity, urgency_levels, overflow="drop-oldest", max_bytes=None):
-        self.capacity = capacity
-        self.max_bytes = max_bytes if max_bytes is not None else 1 << 62
-        self.drop_oldest = overflow == "drop-oldest"
+        super().__init__(capacity, overflow, max_bytes)
         self.levels = [deque() for _ in range(urgency_levels)]
-        self.size = 0
-        self.bytes = 0
-        self.unacked_events = 0
-        self.unacked_bytes = 0
-        self._index = {}
-        self._unacked = {}
         self._acked_ahead = RecentIds(ACKED_AHEAD_WINDOW, floors=False)
-        self.counters = {
-            "enqueued": 0,
-            "delivered": 0,
-            "expired": 0,
-            "overflowed": 0,
-            "skipped": 0,
-            "resent": 0,
-            "acked-ahead": 0,
-            "dropped-by-voter": 0,
-        }
-
-    def __len__(self):
-        return self.size
-
-    @property
-    def unacked(self):
-        return len(self._unacked)
+        self.counters["acked-ahead"] = 0
 
     def extend(self, entries):
         """
@@ -102,7 +139,7 @@ class OutputQueue:
         self.size += events
         self.bytes += size
         self.counters["enqueued"] += events
-        if self.size > self.capacity or self.bytes > self.max_bytes:
+        if self._over_bounds():
             self._overflow(added)
 
     def _full(self, dropped, dropped_bytes):
@@ -189,7 +226,7 @@ class OutputQueue:
         self.unacked_bytes += taken_bytes
         if expired:
             self.counters["expired"] += expired
-        if self.unacked_events > MAX_CREDIT_EVENTS or self.unacked_bytes > MAX_CREDIT_BYTES:
+        if self._over_credit():
             self._overflow_unacked()
         return taken
 
@@ -203,9 +240,7 @@ class OutputQueue:
         unacked = self._unacked
         index = self._index
         dropped = 0
-        while unacked and (
-            self.unacked_events > MAX_CREDIT_EVENTS or self.unacked_bytes > MAX_CREDIT_BYTES
-        ):
+        while unacked and self._over_credit():
             key = next(iter(unacked))
             entry = unacked.pop(key)
             del index[key]
@@ -272,11 +307,8 @@ class OutputQueue:
             levels[entry[OUT][4]].appendleft(entry)
             events += entry[COUNT]
         self._unacked.clear()
-        self.size += self.unacked_events
-        self.bytes += self.unacked_bytes
-        self.unacked_events = self.unacked_bytes = 0
-        self.counters["resent"] += events
-        if self.size > self.capacity or self.bytes > self.max_bytes:
+        self._requeued(events)
+        if self._over_bounds():
             self._overflow(())
         return events
 
@@ -325,15 +357,10 @@ class OutputQueue:
 
         @return: the events skipped.
         """
-        skipped = self.size + self.unacked_events
         for level in self.levels:
             for entry in level:
                 entry[STATE] = GONE
             level.clear()
         for entry in self._unacked.values():
             entry[STATE] = GONE
-        self._index.clear()
-        self._unacked.clear()
-        self.counters["skipped"] += skipped
-        self.size = self.bytes = self.unacked_events = self.unacked_bytes = 0
-        return skipped
+        return self._cleared()
