@@ -455,22 +455,35 @@ def _decode_key(path, where, value, size):
 
 
 def _parse_mac_keys(path, value):
-    entries = value.get("mac_keys")
-    if not isinstance(entries, list):
-        raise ConfigError(f"{path}: expected a 'mac_keys' list")
     keys = {}
-    for n, entry in enumerate(entries):
-        where = f"mac_keys[{n}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{path}: {where}: expected an object")
+    for where, entry in _objects(path, value.get("mac_keys"), "mac_keys"):
         publisher = entry.get("publisher")
-        replica = entry.get("replica")
         if not isinstance(publisher, str) or not publisher:
             raise ConfigError(f"{path}: {where}.publisher: expected a client name")
-        if type(replica) is not int or replica < 0:
-            raise ConfigError(f"{path}: {where}.replica: expected a replica index")
+        replica = _replica_of(path, where, entry)
         keys[publisher, replica] = _decode_key(path, f"{where}.key", entry.get("key"), MAC_KEY_SIZE)
     return keys
+
+
+def _objects(path, entries, field):
+    """
+    Yield C{(where, entry)} for each object of the list C{field}, C{where}
+    naming it in errors.
+    """
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: expected a '{field}' list")
+    for n, entry in enumerate(entries):
+        where = f"{field}[{n}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: {where}: expected an object")
+        yield where, entry
+
+
+def _replica_of(path, where, entry):
+    replica = entry.get("replica")
+    if type(replica) is not int or replica < 0:
+        raise ConfigError(f"{path}: {where}.replica: expected a replica index")
+    return replica
 
 
 def _parse_verify_keys(path, value):
@@ -494,16 +507,9 @@ def _parse_replica_entries(path, entries, field, size):
     """
     if entries is None:
         return {}
-    if not isinstance(entries, list):
-        raise ConfigError(f"{path}: expected a '{field}' list")
     keys = {}
-    for n, entry in enumerate(entries):
-        where = f"{field}[{n}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{path}: {where}: expected an object")
-        replica = entry.get("replica")
-        if type(replica) is not int or replica < 0:
-            raise ConfigError(f"{path}: {where}.replica: expected a replica index")
+    for where, entry in _objects(path, entries, field):
+        replica = _replica_of(path, where, entry)
         keys[replica] = _decode_key(path, f"{where}.key", entry.get("key"), size)
     return keys
 
