@@ -350,7 +350,9 @@ async def _publish(reactor, args):
     finally:
         session.stop()
     blank = f" (skipped {skipped} blank line(s))" if skipped else ""
-    print(f"published {total} event(s) to {args.channel}{blank}", file=sys.stderr)
+    position = publisher.positions.get(args.channel)
+    at = f", ordered up to log position {position}" if position is not None else ""
+    print(f"published {total} event(s) to {args.channel}{at}{blank}", file=sys.stderr)
 
 
 async def _publish_stdin(reactor, publisher, args):

@@ -277,3 +277,15 @@ def test_a_replica_lying_in_its_ordered_deliveries_changes_nothing_subscribers_d
     net.run(seconds=5)
     assert [e.content for e in got1] == contents
     assert _seen(got1) == _seen(got2)
+
+
+def test_a_publisher_learns_the_log_position_f_plus_one_replicas_answered():
+    """An ordered publish reports the log position its batch got, as f+1 replicas answered it."""
+    net = _net()
+    publisher = net.client("probe")
+    _publish(net, publisher, [b"one"])
+    net.run(seconds=1)
+    first = publisher.publisher.positions["events"]
+    _publish(net, publisher, [b"two"])
+    net.run(seconds=1)
+    assert publisher.publisher.positions["events"] > first >= 1

@@ -52,6 +52,9 @@ class Publisher:
         self._flush_call = None
         self._waiting = deque()
         self._in_flight = 0
+        # ordered channels: tag -> the highest log position f+1 replicas
+        # reported for this publisher's batches
+        self.positions = {}
 
     def _channel(self, tag):
         return self.config.authorised(tag, self.client, publish=True)
@@ -162,19 +165,26 @@ class Publisher:
             request = Request(self.proxy.next_seq(), units.PUBLISH, tag, 0, (batch,))
             quorum = self.config.acks_needed(tag)
             expired = {}
+            positions = {}
             d = self.proxy.invoke(
-                request, quorum, observe=lambda index, reply: self._observe(expired, index, reply)
+                request, quorum,
+                observe=lambda index, reply: self._observe(expired, index, reply, positions),
             )
             d.addCallback(self._check_expired, expired, quorum)
+            d.addCallback(self._agreed_position, tag, positions)
             d.addBoth(self._acknowledged, chunks)
 
-    def _observe(self, expired, index, reply):
+    def _observe(self, expired, index, reply, positions=None):
         """
         Note which replicas discarded events of the batch as expired on
         arrival: they still answer ok (a retry must not be refused), so only
-        their reply's C{info} tells.
+        their reply's C{info} tells.  On ordered channels, note the log
+        position each replica answered.
         """
         info = reply.info if isinstance(reply.info, dict) else {}
+        position = info.get("position")
+        if positions is not None and reply.ok and type(position) is int:
+            positions[index] = position
         count = info.get("expired")
         if isinstance(count, int) and count > 0:
             expired[index] = count
@@ -193,6 +203,19 @@ class Publisher:
                 f"{count} event(s) were already past their TTL at a quorum of replicas; "
                 "is this host's clock right?",
             )
+        return reply
+
+    def _agreed_position(self, reply, tag, positions):
+        """
+        Keep the position that f+1 replicas answered alike: at least one of
+        them is correct, so a lying replica cannot make it up.
+        """
+        counts = {}
+        for position in positions.values():
+            counts[position] = counts.get(position, 0) + 1
+        agreed = [p for p, n in counts.items() if n >= self.config.faults + 1]
+        if agreed:
+            self.positions[tag] = max(self.positions.get(tag, 0), max(agreed))
         return reply
 
     def _acknowledged(self, result, chunks):
