@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from fit_broker.interfaces import IOrderedVoter
 from fit_broker.units import MAX_CREDIT_BYTES, MAX_CREDIT_EVENTS, batch_digest, entry_cost
-from fit_broker.voters import FETCH_DELAY, MAX_WANTED, REFETCH_INTERVAL
+from fit_broker.voters import FETCH_DELAY, MAX_WANTED, REFETCH_INTERVAL, CreditAndAcks
 
 # The QoS-class orderings whose channels are delivered through this module.
 ORDERED_SCOPES = ("channel", "global")
@@ -88,7 +88,7 @@ class _Slot:
 
 
 @implementer(IOrderedVoter)
-class OrderedVoter:
+class OrderedVoter(CreditAndAcks):
     """
     Decide an ordered channel's sequence numbers from every replica's copies.
 
@@ -140,7 +140,7 @@ class OrderedVoter:
         if resume is not None:
             self.last = (resume[0], resume[1])
             self.next_seq = resume[1] + 1
-        self.counters = {"delivered": 0, "duplicate": 0, "expired": 0}
+        super().__init__({"delivered": 0, "duplicate": 0, "expired": 0})
         self.fetch_ready = False
         self._copies = {}
         self._held = {}
@@ -152,12 +152,7 @@ class OrderedVoter:
         self._starts = {}
         self._wanted = {}
         self._wanted_keys = {}
-        self._released = {}
-        self._acks = []
         self._offered = False
-
-    def count(self, reason, n=1):
-        self.counters[reason] = self.counters.get(reason, 0) + n
 
     # -- the start ---------------------------------------------------------
 
@@ -201,12 +196,7 @@ class OrderedVoter:
         return out
 
     def _free(self, replica, events, nbytes, reason=None):
-        released = self._released.get(replica)
-        if released is None:
-            self._released[replica] = [events, nbytes]
-        else:
-            released[0] += events
-            released[1] += nbytes
+        self._credit(replica, events, nbytes)
         if reason is not None:
             self.count(f"{reason}:replica-{replica}")
 
@@ -474,14 +464,6 @@ class OrderedVoter:
         return bounds[self.needed - 1]
 
     # -- credit, acknowledgements, links -------------------------------------
-
-    def release(self):
-        released, self._released = self._released, {}
-        return {replica: value for replica, value in released.items() if value[0] or value[1]}
-
-    def take_acks(self):
-        acks, self._acks = self._acks, []
-        return acks
 
     def take_dropped(self):
         return []

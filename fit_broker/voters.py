@@ -44,42 +44,20 @@ REFETCH_INTERVAL = 2.0
 MAX_WANTED = 4096
 
 
-class _Voter:
+class CreditAndAcks:
     """
-    What every voter shares: the memory of delivered batches, id-range
-    checks, TTL caps and the credit each replica's copies hold.
+    What a voter, ordered or not, owes the replicas: the flow-control
+    credit of the copies it is done with, and acknowledgements of copies of
+    what it delivered already; and its counters.
     """
 
-    def __init__(self, memory_window=DEFAULT_WINDOW, memory=None, max_ttl=None, max_clock_skew=300.0):
-        """
-        @param memory: a L{RecentIds} of what was delivered before (a
-            subscriber's delivery record), or C{None} to start empty.
-        @param max_ttl: the channel class's TTL: no copy counts as living
-            longer.
-        """
-        self._decided = memory if memory is not None else RecentIds(memory_window)
-        self._ranges = {}
-        self._window = memory_window
-        self.max_ttl = float("inf") if max_ttl is None else max_ttl
-        self.max_clock_skew = max_clock_skew
-        self.counters = {"delivered": 0, "duplicate": 0, "stale": 0, "expired": 0}
+    def __init__(self, counters):
+        self.counters = counters
         self._released = {}
         self._acks = []
-        self._dropped = []
 
     def count(self, reason, n=1):
         self.counters[reason] = self.counters.get(reason, 0) + n
-
-    def _deadline(self, batch, now):
-        """
-        The time after which C{batch} is dead here: its own deadline, its TTL
-        capped at the class's, and never later than a copy stamped now could
-        live.
-        """
-        return min(
-            batch[2] + min(batch[3], self.max_ttl),
-            now + self.max_ttl + self.max_clock_skew,
-        )
 
     def _credit(self, replica, events, nbytes):
         released = self._released.get(replica)
@@ -105,6 +83,39 @@ class _Voter:
         """
         acks, self._acks = self._acks, []
         return acks
+
+
+class _Voter(CreditAndAcks):
+    """
+    What every voter shares: the memory of delivered batches, id-range
+    checks, TTL caps and the credit each replica's copies hold.
+    """
+
+    def __init__(self, memory_window=DEFAULT_WINDOW, memory=None, max_ttl=None, max_clock_skew=300.0):
+        """
+        @param memory: a L{RecentIds} of what was delivered before (a
+            subscriber's delivery record), or C{None} to start empty.
+        @param max_ttl: the channel class's TTL: no copy counts as living
+            longer.
+        """
+        self._decided = memory if memory is not None else RecentIds(memory_window)
+        self._ranges = {}
+        self._window = memory_window
+        self.max_ttl = float("inf") if max_ttl is None else max_ttl
+        self.max_clock_skew = max_clock_skew
+        super().__init__({"delivered": 0, "duplicate": 0, "stale": 0, "expired": 0})
+        self._dropped = []
+
+    def _deadline(self, batch, now):
+        """
+        The time after which C{batch} is dead here: its own deadline, its TTL
+        capped at the class's, and never later than a copy stamped now could
+        live.
+        """
+        return min(
+            batch[2] + min(batch[3], self.max_ttl),
+            now + self.max_ttl + self.max_clock_skew,
+        )
 
     def take_dropped(self):
         """
