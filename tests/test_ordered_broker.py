@@ -81,6 +81,15 @@ def subscribe(m, log, client="console", channel="events"):
     return answers["s"]
 
 
+def two_replicas():
+    """Replicas 0 and 1 applying one log, with 'console' subscribed to 'events' at both."""
+    a, b = machine(0), machine(1)
+    log = Log(a, b)
+    subscribe(a, log)
+    b.handle("console", Request(2, "subscribe", "events", options={"stream": True}), NOW, "s")
+    return a, b, log
+
+
 def test_publish_waits_for_the_log_and_answers_with_the_position():
     """An ordered publish is answered only once its references are decided, with their position."""
     m = machine()
@@ -97,10 +106,7 @@ def test_publish_waits_for_the_log_and_answers_with_the_position():
 
 def test_replicas_applying_one_log_agree_on_sequence_numbers_and_state():
     """Two replicas that admitted different things but apply the same log queue the same entries and hold equal state."""
-    a, b = machine(0), machine(1)
-    log = Log(a, b)
-    subscribe(a, log)
-    b.handle("console", Request(2, "subscribe", "events", options={"stream": True}), NOW, "s")
+    a, b, log = two_replicas()
     publish(a, [event(1)])
     publish(b, [event(2)])
     refs = a.take_proposals() + b.take_proposals()
@@ -130,10 +136,7 @@ def test_a_batch_expired_at_the_decided_timestamp_leaves_a_tombstone():
 
 def test_a_replica_lacking_a_decided_batch_sends_its_digest_and_fetches_it_from_peers():
     """A decided reference whose body this replica never got goes out as its digest and is fetched and checked."""
-    a, b = machine(0), machine(1)
-    log = Log(a, b)
-    subscribe(a, log)
-    b.handle("console", Request(2, "subscribe", "events", options={"stream": True}), NOW, "s")
+    a, b, log = two_replicas()
     publish(a, [event(1)])
     log.decide(a.take_proposals())
     wanted = b.missing_to_fetch(NOW)
