@@ -2,29 +2,22 @@
 Options for the seeded simulation tests (tests/test_seeded_sim.py).
 """
 
+import pytest
+
+from tests.seeds import add_seed_options
+
 
 def pytest_addoption(parser):
-    group = parser.getgroup("seeded simulation")
-    group.addoption(
-        "--seeds", type=int, default=None, metavar="N",
-        help="run N seeds per adversary kind in tests/test_seeded_sim.py (default 20)",
+    add_seed_options(
+        parser, "seeded simulation", "--seed",
+        seeds_help="run N seeds per adversary kind in tests/test_seeded_sim.py (default 20)",
+        seed_help="run only seed N of adversary KIND (repeatable), to replay a failing run",
     )
-    group.addoption(
-        "--seed", action="append", default=[], metavar="KIND:N",
-        help="run only seed N of adversary KIND (repeatable), to replay a failing run",
+    add_seed_options(
+        parser, "agreement simulation", "--agreement-seed",
+        seeds_help="run N seeds in all, spread over the kinds, in tests/test_agreement_sim.py (default 2016)",
+        seed_help="run only seed N of agreement kind KIND (repeatable), to replay a failing run",
     )
-    agreement = parser.getgroup("agreement simulation")
-    agreement.addoption(
-        "--agreement-seeds", type=int, default=None, metavar="N",
-        help="run N seeds in all, spread over the kinds, in tests/test_agreement_sim.py (default 2016)",
-    )
-    agreement.addoption(
-        "--agreement-seed", action="append", default=[], metavar="KIND:N",
-        help="run only seed N of agreement kind KIND (repeatable), to replay a failing run",
-    )
-
-
-import pytest
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -10,6 +10,16 @@ import shlex
 import pytest
 
 
+def add_seed_options(parser, group, option, seeds_help, seed_help):
+    """
+    Add C{OPTIONs N} (how many seeds to run) and C{OPTION KIND:N}
+    (repeatable: replay only those runs) under the help group C{group}.
+    """
+    group = parser.getgroup(group)
+    group.addoption(f"{option}s", type=int, default=None, metavar="N", help=seeds_help)
+    group.addoption(option, action="append", default=[], metavar="KIND:N", help=seed_help)
+
+
 def replay_command(path, option, kind, seed):
     """The command that runs seed C{seed} of C{kind} in test file C{path} alone."""
     return f"python3 -m pytest {path} -p no:cacheprovider -q " + shlex.quote(f"{option}={kind}:{seed}")
