@@ -278,12 +278,17 @@ class OrderedQueue(BoundedQueue):
         entries.append(entry)
         self._index[ref_key(ref)] = entry
 
-    def _bury(self, entry, note):
+    def _bury(self, entry, note, sent=False):
         """
-        Turn a queued batch entry into a tombstone in place.
+        Turn a batch entry, queued or C{sent} and unacknowledged, into a
+        tombstone in place.
         """
-        self.size -= entry[COST]
-        self.bytes -= entry[SIZE]
+        if sent:
+            self.unacked_events -= entry[COST]
+            self.unacked_bytes -= entry[SIZE]
+        else:
+            self.size -= entry[COST]
+            self.bytes -= entry[SIZE]
         self.counters["expired" if note == EXPIRED else "overflowed"] += entry[COST]
         entry[NOTE] = note
         entry[COST] = 1
@@ -385,12 +390,7 @@ class OrderedQueue(BoundedQueue):
             if not self._over_credit():
                 break
             if not entry[NOTE]:
-                self.unacked_events -= entry[COST]
-                self.unacked_bytes -= entry[SIZE]
-                self.counters["overflowed"] += entry[COST]
-                entry[NOTE] = OVERFLOW
-                entry[COST] = 1
-                entry[SIZE] = BATCH_OVERHEAD
+                self._bury(entry, OVERFLOW, sent=True)
 
     def ack(self, keys, delivered=True):
         """
@@ -454,13 +454,8 @@ class OrderedQueue(BoundedQueue):
         for entry in self._unacked.values():
             ref = entry[REF]
             if not entry[NOTE] and not ref[6] + ref[7] > now:
-                self.unacked_events -= entry[COST]
-                self.unacked_bytes -= entry[SIZE]
-                self.counters["expired"] += entry[COST]
                 expired += entry[COST]
-                entry[NOTE] = EXPIRED
-                entry[COST] = 1
-                entry[SIZE] = BATCH_OVERHEAD
+                self._bury(entry, EXPIRED, sent=True)
         if expired:
             self._compact()
         return expired
