@@ -353,3 +353,15 @@ def test_every_request_waiting_on_one_table_change_gets_its_result():
     answers = dict(a.take_answers())
     assert answers["first"].ok and answers["second"].ok, answers
     assert not a._table_results
+
+
+def test_a_sent_entry_that_expires_unacknowledged_is_resent_as_a_tombstone():
+    """An entry sent but not acknowledged when its TTL passes becomes a tombstone, which a reconnect sends again."""
+    q = OrderedQueue(capacity=100)
+    ref = batch_ref("events", event(1, ttl=5.0), batch_digest(event(1, ttl=5.0)))
+    q.append(1, 1, ref)
+    assert [e[3] for e in q.take(100, 1 << 20, NOW, lambda r: event(1, ttl=5.0))] == [""]
+    assert q.expire(NOW + 10) == 1 and q.unacked_events == 0 and q.counters["expired"] == 1
+    q.requeue_unacked()
+    taken = q.take(100, 1 << 20, NOW + 10, lambda r: event(1))
+    assert [(e[1], e[3]) for e in taken] == [(1, EXPIRED)]
