@@ -464,3 +464,144 @@ class IControlTable(Interface):
         Return the table as plain data, equal on every correct replica at
         one version.
         """
+
+
+class IStorage(Interface):
+    """
+    A flat folder of append-only files: the seam between the segment log
+    and a disk, so crash tests can run the log on a fake that forgets what
+    was not synced.  Calls block (a real disk) and fail with
+    L{fit_broker.storage.StorageError}, one line naming the file, C{.full}
+    set for a full disk.  Names are plain file names (no separators).
+    """
+
+    def files():
+        """
+        Return the names of the files in the folder, sorted.
+        """
+
+    def append(name, data):
+        """
+        Append the bytes C{data} to C{name}, creating it (even for empty
+        C{data}) if missing.  Not durable until L{sync}.  After a failure
+        part of C{data} may have been written.
+        """
+
+    def sync(name):
+        """
+        Make everything appended to C{name} durable, and its folder entry if
+        the file was created since.  After a failure what is on disk is
+        unknown: do not retry, reopen.
+        """
+
+    def read(name, offset, size):
+        """
+        Return up to C{size} bytes of C{name} from C{offset} (fewer at the
+        end of the file), unsynced ones included.
+        """
+
+    def size(name):
+        """
+        Return the length of C{name} in bytes.
+        """
+
+    def truncate(name, size):
+        """
+        Cut C{name} to C{size} bytes, durably when this returns.
+        """
+
+    def delete(name):
+        """
+        Remove C{name} (nothing if missing), durably when this returns.
+        """
+
+    def close():
+        """
+        Release open file handles; later calls reopen what they need.
+        """
+
+
+class ISegmentLog(Interface):
+    """
+    An append-only log of checksummed records, numbered from
+    L{first_index} to L{next_index}, kept in segment files on an
+    L{IStorage}, with group commit, retention and crash recovery.  No clock:
+    calls that need the time take C{now}.
+    """
+
+    first_index = Attribute("The index of the oldest record held.")
+    next_index = Attribute("The index the next appended record gets.")
+    size_bytes = Attribute("The bytes of every segment held.")
+    fsync = Attribute('The fsync policy: "always", "interval" or "never".')
+    sync_deadline = Attribute(
+        "When the fsync policy wants the next sync, or None (nothing pending, or the "
+        '"never" policy); an adapter calls tick(now) then.'
+    )
+    recovery = Attribute("The Recovery report of opening the log, or None before recover().")
+    failed = Attribute("The StorageError that stopped the log (reopen it to recover), or None.")
+
+    def recover():
+        """
+        Scan and check every segment once, at open; cut damage and return a
+        C{Recovery} report of what was kept, cut and lost.
+        """
+
+    def append(payload, now, timestamp=None):
+        """
+        Append one record (C{timestamp}, the record's own time for
+        retention by age, defaults to C{now}); return its index.  Durable
+        only after a sync.
+        """
+
+    def pending_sync():
+        """
+        Return how many appended records no sync has covered yet.
+        """
+
+    def sync(now):
+        """
+        Make every record appended so far durable; return how many records
+        it covered (group commit).
+        """
+
+    def tick(now):
+        """
+        Sync if the fsync policy's deadline has come; return the records
+        covered.
+        """
+
+    def read_from(index, end=None):
+        """
+        Iterate C{(index, timestamp, payload)} from C{index} up to the end
+        as of this call (or C{end}); indexes jump over gaps.
+        """
+
+    def gaps():
+        """
+        Return the index ranges C{(first, end)} missing between segments
+        (lost to damage, until filled).
+        """
+
+    def fill(first_index, records, now):
+        """
+        Write C{(timestamp, payload)} records recovered from peers into the
+        gap starting at C{first_index}, durably; return how many.
+        """
+
+    def trim(now, keep_after_index=None):
+        """
+        Drop whole oldest segments past the age or bytes bound, keeping any
+        that hold a record above C{keep_after_index}; return a C{Trimmed}
+        report (expired and overflow records and bytes, index range).
+        """
+
+    def stats():
+        """
+        Return the log's figures (records, bytes, syncs, records per sync)
+        as plain data.
+        """
+
+    def close(now):
+        """
+        Sync what is pending, under any policy, and stop.
+        """
