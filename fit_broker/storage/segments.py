@@ -116,7 +116,7 @@ class SegmentLog:
     @param start_index: the first index of a log with no segment yet.
     """
 
-    log = Logger()
+    logger = Logger()
 
     def __init__(
         self,
@@ -308,7 +308,7 @@ class SegmentLog:
             ignored=tuple(ignored),
         )
         for d in damage:
-            self.log.warn(
+            self.logger.warn(
                 "Segment log {storage}: {damage}", storage=storage, damage=d.describe()
             )
         return self.recovery
@@ -397,17 +397,20 @@ class SegmentLog:
             return self._unsynced_since
         return self._unsynced_since + self.interval
 
-    def _sync(self, now):
-        covered = self._unsynced
-        if not covered:
-            return 0
+    def _sync_file(self, name):
         try:
-            self.storage.sync(self._segments[-1].name)
+            self.storage.sync(name)
         except StorageError as e:
             # What a failed fsync leaves on disk is unknown: stop until a
             # reopen recovers from what is really there.
             self.failed = e
             raise
+
+    def _sync(self, now):
+        covered = self._unsynced
+        if not covered:
+            return 0
+        self._sync_file(self._segments[-1].name)
         self.syncs += 1
         self.synced_records += covered
         self.last_sync_records = covered
@@ -479,13 +482,18 @@ class SegmentLog:
             offset, at = seg.seek(start)
             last = min(seg.end, stop)
             reader = Reader(self.storage, seg.name, offset, seg.size, self.max_record_bytes)
-            for _, timestamp, payload in reader:
-                if at >= last:
-                    break
-                if at >= start:
-                    yield at, timestamp, payload
-                at += 1
-            if at < last:
+            try:
+                for _, timestamp, payload in reader:
+                    if at >= last or seg.first < self.first_index:
+                        break
+                    if at >= start:
+                        yield at, timestamp, payload
+                    at += 1
+            except StorageError:
+                if seg.first < self.first_index:
+                    continue  # deleted by retention while being read
+                raise
+            if at < last and seg.first >= self.first_index:
                 raise StorageError(
                     f"record {at} in segment {seg.name} of {self.storage!r} is damaged"
                     f" ({reader.error}); reopen the log to recover"
@@ -529,8 +537,7 @@ class SegmentLog:
             and active.newest < oldest_kept
         ):
             drops.append((active, True))
-            self._roll(now)
-            self.storage.sync(self._segments[-1].name)
+            self._sync_file(self._roll(now).name)
         if not drops:
             return Trimmed(first_index=self.first_index, end_index=self.first_index)
         figures = {"expired": 0, "expired_bytes": 0, "overflow": 0, "overflow_bytes": 0}
@@ -544,7 +551,7 @@ class SegmentLog:
                 # What was deleted stays counted; the rest waits for the
                 # next pass.
                 error = str(e)
-                self.log.warn("Segment log {storage}: {error}", storage=self.storage, error=error)
+                self.logger.warn("Segment log {storage}: {error}", storage=self.storage, error=error)
                 break
             del self._segments[0]
             del self._firsts[0]
@@ -588,9 +595,5 @@ class SegmentLog:
             seg.add(offset, len(record), timestamp)
             offset += len(record)
         self.size_bytes += len(blob)
-        try:
-            self.storage.sync(seg.name)
-        except StorageError as e:
-            self.failed = e
-            raise
+        self._sync_file(seg.name)
         return len(encoded)
