@@ -18,7 +18,7 @@ import attrs
 from fit_broker import registry
 from fit_broker.errors import ConfigError, RequestFailed, UnknownComponent
 from fit_broker.interfaces import IOrderingFactory, IQoPMode, IVoterFactory
-from fit_broker.qos import ORDERING_SCOPES, OVERFLOW_POLICIES, QoSClass
+from fit_broker.qos import FSYNC_POLICIES, ORDERING_SCOPES, OVERFLOW_POLICIES, PERSISTENCE, QoSClass
 from fit_broker.toml_reader import TableReader, read_toml
 
 
@@ -29,12 +29,15 @@ class ReplicaSpec:
     @ivar connect: the client endpoint string clients reach it with.
     @ivar metrics: the server endpoint string its Prometheus metrics are
         served on, or C{None} for none.
+    @ivar data: the folder its disk channels live in (absolute), or C{None}
+        for the default (L{ClusterConfig.data_folder}).
     """
 
     index: int
     listen: str
     connect: str
     metrics: str | None = None
+    data: str | None = None
 
 
 @attrs.frozen
@@ -108,6 +111,22 @@ class ClusterConfig:
     def channel(self, tag):
         return self.channels.get(tag)
 
+    def data_folder(self, index):
+        """
+        Return the folder replica C{index} keeps its disk channels in: its
+        C{data} key, else one per cluster file and replica under the state
+        home, so two clusters on a host never share one.
+        """
+        data = self.replicas[index].data
+        if data is not None:
+            return data
+        import hashlib
+
+        from fit_broker.state_home import state_home
+
+        digest = hashlib.sha256(os.path.abspath(self.path).encode()).hexdigest()[:16]
+        return os.path.join(state_home(), "data", digest, f"replica-{index}")
+
     def authorised(self, tag, client, publish):
         """
         Return the spec of channel C{tag} if C{client} may publish to it (or
@@ -179,7 +198,8 @@ def _plugin_folders(cluster, folder):
 
 def _load_class(reader, name):
     reader.unknown_keys(
-        {"urgency_levels", "ordering", "capacity", "ttl", "overflow", "max_bytes"}
+        {"urgency_levels", "ordering", "capacity", "ttl", "overflow", "max_bytes",
+         "persistence", "fsync", "fsync_interval"}
     )
     levels = reader.get("urgency_levels", int, "an integer from 1 to 16", 4)
     if not 1 <= levels <= 16:
@@ -203,7 +223,25 @@ def _load_class(reader, name):
     max_bytes = reader.get("max_bytes", int, "a positive number of bytes", 16 * 1024 * 1024)
     if max_bytes < 1:
         reader.fail("max_bytes", f"a positive number of bytes, found {max_bytes}")
-    return QoSClass(name, levels, ordering, capacity, ttl, overflow, max_bytes=max_bytes)
+    persistence = reader.get("persistence", str, "'memory' or 'disk'", "memory")
+    if persistence not in PERSISTENCE:
+        reader.fail("persistence", f"'memory' or 'disk', found {persistence!r}")
+    if persistence == "disk" and ordering != "none":
+        reader.fail(
+            "persistence",
+            f"'memory' for an ordered class (ordering = {ordering!r}): "
+            "disk channels are not supported yet for ordered classes",
+        )
+    fsync = reader.get("fsync", str, "'always', 'interval' or 'never'", "always")
+    if fsync not in FSYNC_POLICIES:
+        reader.fail("fsync", f"'always', 'interval' or 'never', found {fsync!r}")
+    fsync_interval = reader.get("fsync_interval", float, "a positive number of milliseconds", 50.0)
+    if not 0 < fsync_interval <= 3_600_000:
+        reader.fail("fsync_interval", f"a number of milliseconds in (0, 3600000], found {fsync_interval}")
+    return QoSClass(
+        name, levels, ordering, capacity, ttl, overflow, max_bytes=max_bytes,
+        persistence=persistence, fsync=fsync, fsync_interval=fsync_interval,
+    )
 
 
 def parse_config(path, data):
@@ -230,7 +268,10 @@ def parse_config(path, data):
     replicas = []
     for index in range(len(replicas_data)):
         r = top.sub("replicas", index)
-        r.unknown_keys({"listen", "connect", "metrics"})
+        r.unknown_keys({"listen", "connect", "metrics", "data"})
+        data = r.get("data", str, "a folder for the replica's disk channels", None)
+        if data is not None and not data:
+            r.fail("data", "a folder for the replica's disk channels, found ''")
         replicas.append(
             ReplicaSpec(
                 index,
@@ -239,6 +280,7 @@ def parse_config(path, data):
                 r.get(
                     "metrics", str, "a server endpoint string like 'tcp:9400:interface=127.0.0.1'", None
                 ),
+                os.path.join(folder, os.path.expanduser(data)) if data is not None else None,
             )
         )
 

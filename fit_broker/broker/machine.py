@@ -8,6 +8,7 @@ from collections import OrderedDict
 
 from fit_broker import units
 from fit_broker.broker.channel import Channel, Refused
+from fit_broker.broker.disk_channel import DiskChannel
 from fit_broker.broker.ordered import (
     BATCH,
     REGISTER,
@@ -69,17 +70,21 @@ class BrokerStateMachine:
         to its queues, so that a transport can push to streaming subscribers.
     """
 
-    def __init__(self, config, schemes, keys=None, replica_index=None):
+    def __init__(self, config, schemes, keys=None, replica_index=None, storage=None):
         """
         @param schemes: a callable from scheme name to scheme.
         @param replica_index: this replica's index; with it, BFT channels send
             full copies of the batches this replica is designated for and
             digests of the others (see L{fit_broker.units.full_copy_senders}).
+        @param storage: a callable from a disk channel's tag to its two
+            storages (L{DiskChannel}), or C{None} to keep disk channels in
+            memory (tests).
         """
         self.config = config
         self.schemes = schemes
         self.keys = keys
         self.replica_index = replica_index
+        self.storage = storage
         self.channels = {tag: self._channel(spec) for tag, spec in config.channels.items()}
         self.state = ReplicatedState(tag for tag, c in self.channels.items() if c.ordered)
         self.table = ControlTable.genesis(config)
@@ -103,6 +108,15 @@ class BrokerStateMachine:
         self.missing = OrderedDict()
 
     def _channel(self, spec):
+        if spec.qos.persistence == "disk" and spec.qos.ordering == "none":
+            return DiskChannel(
+                spec,
+                self.schemes(spec.scheme),
+                self.keys,
+                self.config.max_clock_skew,
+                light_copies=self._light_copies(spec, self.replica_index),
+                storage=None if self.storage is None else self.storage(spec.tag),
+            )
         kind = OrderedChannel if spec.qos.ordering != "none" else Channel
         return kind(
             spec,
@@ -160,7 +174,10 @@ class BrokerStateMachine:
         try:
             if channel.ordered and request.method in _THROUGH_LOG:
                 return self._through_log(channel, client, request, now, token)
-            return self._dispatch(channel, client, request, now)
+            reply = self._dispatch(channel, client, request, now)
+            if method == units.PUBLISH and reply.ok and type(channel) is DiskChannel:
+                return self._after_sync(channel, reply, token)
+            return reply
         except Refused as refused:
             return Reply(request.seq, refused.status, refused.text, channel=channel.tag)
 
@@ -248,6 +265,38 @@ class BrokerStateMachine:
                 return Reply(request.seq, Status.OK, channel=tag)
             value = (REGISTER, tag, client)
         return self._wait(_Waiting(request, tag, now, {}), [value], token)
+
+    def _after_sync(self, channel, reply, token):
+        """
+        Return C{reply} to a publish on a disk channel, or C{None} when it
+        waits for the sync that makes it durable (C{fsync = "always"}): it
+        comes later from L{take_answers} with C{token}.
+        """
+        if not channel.must_wait():
+            return reply
+        if token is None:
+            token = object()
+        if not channel.hold(token, reply):
+            self._count("refused-waiting-limit")
+            return Reply(
+                reply.seq, Status.BUSY,
+                f"too many publishes wait for the disk of channel {channel.tag!r}; retry later",
+                channel=channel.tag,
+            )
+        return None
+
+    def disk_channels(self):
+        """
+        Return the channels kept on disk.
+        """
+        return [c for c in self.channels.values() if type(c) is DiskChannel]
+
+    def storage_synced(self, answers):
+        """
+        Queue the C{(token, reply)} pairs a disk channel's sync answered,
+        for L{take_answers}.
+        """
+        self._answers.extend(answers)
 
     def _verify_key(self, admin):
         return None if self.keys is None else self.keys.verify_key(admin)
@@ -590,9 +639,12 @@ class BrokerStateMachine:
         voter gave them up undecided): forget them here.  Malformed keys are
         ignored: acknowledgements only ever free memory.
         """
-        queue = self.channels[tag].queues.get(client)
+        channel = self.channels[tag]
+        queue = channel.queues.get(client)
         if queue is None:
             return 0
+        if type(channel) is DiskChannel:
+            return channel.acknowledge(client, _batch_keys(keys), delivered)
         return queue.ack(_batch_keys(keys), delivered)
 
     def fetch(self, tag, client, keys):

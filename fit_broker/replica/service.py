@@ -25,6 +25,7 @@ from fit_broker.errors import ConfigError
 from fit_broker.interfaces import IOrderingFactory
 from fit_broker.replica.replicated_log import PEER_KINDS, ReplicatedLog, validate
 from fit_broker.replica.peers import PeerLinks
+from fit_broker.replica.storage_driver import DataFolder, StorageDriver
 from fit_broker.credentials import replica_peer_tls
 from fit_broker.wire.framing import DEFAULT_MAX_FRAME
 
@@ -71,8 +72,12 @@ class Replica:
         max_connections=DEFAULT_MAX_CONNECTIONS,
         max_pre_hello=MAX_PRE_HELLO,
         max_per_client=MAX_PER_CLIENT,
+        storage=None,
     ):
         """
+        @param storage: a callable from a disk channel's tag to its two
+            storages (L{DataFolder}), or C{None} to keep disk channels in
+            memory.
         @param identify: a callable from transport to the client name its TLS
             certificate proves, or C{None} when links are not authenticated.
         @param hello_timeout: seconds a connection may take to complete its
@@ -91,7 +96,9 @@ class Replica:
         self.identify = identify
         self.max_frame = DEFAULT_MAX_FRAME
         self.started = clock.seconds()
-        self.broker = BrokerStateMachine(config, schemes, keys, replica_index=index)
+        self.broker = BrokerStateMachine(config, schemes, keys, replica_index=index, storage=storage)
+        # runs the disk channels' syncs (L{StorageDriver}), when there are any
+        self.storage_driver = None
         self.broker.on_ready = self._ready
         self.streams = {}
         self.counters = {}
@@ -185,14 +192,18 @@ class Replica:
         if request.method == units.STATUS:
             return Reply(request.seq, Status.OK, info=self.snapshot(client))
         log = self.replicated_log
-        if log is None:
+        driver = self.storage_driver
+        if log is None and driver is None:
             reply = self.broker.handle(client, request, self.clock.seconds())
         else:
             token = object()
             reply = self.broker.handle(client, request, self.clock.seconds(), token)
+            if driver is not None:
+                driver.kick()
             if reply is None:
                 self._waiting[token] = (protocol, request)
-                self._pump_soon()
+                if log is not None:
+                    self._pump_soon()
                 return None
         if not reply.ok:
             self.refused(client, request, reply)
@@ -342,6 +353,8 @@ class Replica:
 
     def expire(self):
         self.broker.expire(self.clock.seconds())
+        if self.storage_driver is not None:
+            self.storage_driver.kick()
 
     def snapshot(self, client=None):
         """
@@ -396,11 +409,18 @@ def make_replica_service(
     """
     if max_connections is None:
         max_connections = connection_limit()
+    storage = None
+    if any(qos.persistence == "disk" for qos in config.classes.values()):
+        storage = DataFolder(config.data_folder(index))
     replica = Replica(
-        config, index, reactor, schemes, keys, identify, max_connections=max_connections, **limits
+        config, index, reactor, schemes, keys, identify, max_connections=max_connections,
+        storage=storage, **limits
     )
     top = MultiService()
     top.setName(f"replica-{index}")
+    if storage is not None:
+        replica.storage_driver = StorageDriver(replica.broker, reactor, replica._answer)
+        replica.storage_driver.setServiceParent(top)
     if endpoint is None:
         endpoint = serverFromString(reactor, config.replicas[index].listen)
     factory = ReplicaFactory(replica)

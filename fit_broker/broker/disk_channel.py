@@ -1,0 +1,742 @@
+"""
+A disk channel: an unordered channel whose accepted batches live in a
+segment log on the replica's disk, so that a restart of every replica loses
+no acknowledged publish (under C{fsync = "always"}).
+
+Sans-IO: the channel appends on the caller's thread and never waits for a
+disk; syncs are split in three (L{DiskChannel.begin_sync} on the reactor
+thread, L{SyncJob.run} anywhere, L{DiskChannel.end_sync} on the reactor
+thread again), so an adapter runs the blocking part off the reactor
+(L{fit_broker.replica.storage_driver}) and tests run it inline on a
+L{FakeStorage} they crash.
+
+Two logs per channel, in two storages:
+
+ - the batch log: one record per accepted wire batch (msgpack), stamped
+   with the publisher's timestamp so retention by age needs no decoding;
+ - the acknowledgement log: msgpack records C{["s", subscriber, start]}
+   (subscribed; its queue holds batches from log index C{start}),
+   C{["c", subscriber, start]} (started afresh), C{["u", subscriber]}
+   (unsubscribed), C{["a", subscriber, keys]} (acknowledged or otherwise
+   done with), and a compacted copy of all that between C{["B"]} and C{["E"]}.
+
+A subscriber's queue after a restart is every batch of the log from its
+start that it did not acknowledge; the deduplication memory is rebuilt from
+the batches in the log.
+"""
+
+import hashlib
+from collections import deque
+from urllib.parse import quote
+
+import msgpack
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from fit_broker.broker.channel import DEDUP_WINDOW, Channel, _identity
+from fit_broker.broker.queue import OutputQueue
+from fit_broker.errors import Status
+from fit_broker.interfaces import IStorage
+from fit_broker.storage import FakeStorage, SegmentLog, StorageError
+from fit_broker.units import Reply, batch_bytes, payload_count
+
+#: The batch log of a channel keeps at most this many times its class's
+#: C{max_bytes} (each subscriber's queue bound): room for one full queue
+#: of every subscriber's backlog and as much again of recent batches that
+#: deduplication and late subscribers' acknowledgements still refer to.
+LOG_BYTES_FACTOR = 2
+
+#: Segments of a batch log are at most this fraction of its bound, so that
+#: retention drops a small part of the log at a time ...
+SEGMENTS_PER_LOG = 8
+#: ... and never smaller than this, nor larger than the other.
+MIN_SEGMENT_BYTES = 1024
+MAX_SEGMENT_BYTES = 64 * 1024 * 1024
+
+#: Acknowledgement log segments, and when it is compacted: once it holds
+#: more than this and four times what its last compaction wrote.
+ACK_SEGMENT_BYTES = 1024 * 1024
+ACK_COMPACT_BYTES = 4 * 1024 * 1024
+
+#: Keys per acknowledgement record of a compacted copy.
+KEYS_PER_RECORD = 4096
+
+#: Publishes whose replies may wait for a sync on one channel.
+MAX_HELD = 100_000
+
+#: Seconds between two attempts to reclaim acknowledged log segments when
+#: a drop-newest log is full.
+RECLAIM_EVERY = 0.5
+
+#: Statuses of publishes the disk refused.
+DISK_FULL = "disk-full"
+STORAGE_FAILED = "storage-failed"
+
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
+def folder_name(tag):
+    """
+    Return the folder name of channel C{tag}'s logs: the tag escaped to
+    letters, digits, C{-_.} and C{%XX}, with a digest instead of the
+    middle of a long tag, behind a prefix that makes C{.} and C{..}
+    impossible.
+    """
+    escaped = quote(tag, safe="-_.")
+    if len(escaped) > 160:
+        digest = hashlib.sha256(tag.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+        escaped = f"{escaped[:120]}~{digest}"
+    return "ch-" + escaped
+
+
+def _unpack(payload):
+    return msgpack.unpackb(payload, raw=False, use_list=False, strict_map_key=True)
+
+
+def decode_batch(payload):
+    """
+    Return the wire batch a log record holds, or C{None} when it is not one.
+    """
+    try:
+        batch = _unpack(payload)
+    except Exception:
+        return None
+    if type(batch) is not tuple or len(batch) != 7:
+        return None
+    publisher, first_id, timestamp, ttl, urgency, body, proof = batch
+    if not (
+        type(publisher) is str and type(first_id) is int and type(urgency) is int
+        and type(timestamp) in (int, float) and type(ttl) in (int, float)
+        and type(body) is bytes and type(proof) is bytes
+    ):
+        return None
+    return batch
+
+
+@implementer(IStorage)
+class SyncLater:
+    """
+    An L{IStorage} whose L{sync} only notes the file: L{take} hands the
+    names to whoever makes them durable for real (on another thread), so
+    the segment log's own bookkeeping never waits for a disk.
+    """
+
+    def __init__(self, storage):
+        self.storage = storage
+        self.pending = set()
+
+    def __repr__(self):
+        return repr(self.storage)
+
+    def files(self):
+        return self.storage.files()
+
+    def append(self, name, data):
+        self.storage.append(name, data)
+
+    def sync(self, name):
+        self.pending.add(name)
+
+    def read(self, name, offset, size):
+        return self.storage.read(name, offset, size)
+
+    def size(self, name):
+        return self.storage.size(name)
+
+    def truncate(self, name, size):
+        self.storage.truncate(name, size)
+
+    def delete(self, name):
+        self.pending.discard(name)
+        self.storage.delete(name)
+
+    def close(self):
+        self.storage.close()
+
+    def take(self):
+        names, self.pending = self.pending, set()
+        return sorted(names)
+
+
+class SyncJob:
+    """
+    One group commit of a channel: the files to sync, and the log indexes
+    that are durable once they are.
+    """
+
+    __slots__ = ("files", "log_end", "ack_end")
+
+    def __init__(self, files, log_end, ack_end):
+        self.files = files
+        self.log_end = log_end
+        self.ack_end = ack_end
+
+    def run(self):
+        """
+        Sync every file (blocking: call it off the reactor thread).
+
+        @raise StorageError: a sync failed; what is on disk is unknown.
+        """
+        for storage, name in self.files:
+            storage.sync(name)
+
+
+class DiskChannel(Channel):
+    """
+    An unordered channel whose accepted batches and subscribers'
+    acknowledgements are kept in logs (see the module docstring).
+
+    A publish is admitted as on any channel, then appended to the batch
+    log, then queued.  Under C{fsync = "always"} its reply waits (L{hold})
+    until a sync covers it; under C{"interval"} a sync comes at most
+    C{fsync_interval} ms after the oldest unsynced append; under
+    C{"never"} only when a segment is full.
+
+    @ivar log: the batch L{SegmentLog}.
+    @ivar acks: the acknowledgement L{SegmentLog}.
+    @ivar durable: C{(batch log index, ack log index)} below which every
+        record is known synced.
+    @ivar failed: the L{StorageError} that stopped this channel's logs (a
+        failed sync), or C{None}; the replica must restart to recover.
+    """
+
+    logger = Logger()
+
+    def __init__(
+        self, spec, scheme, keys=None, max_clock_skew=300.0, dedup_window=DEDUP_WINDOW,
+        light_copies=None, storage=None,
+    ):
+        """
+        @param storage: C{(IStorage for batches, IStorage for
+            acknowledgements)}, two different folders; by default two
+            L{FakeStorage}s (kept in memory only).
+        """
+        super().__init__(spec, scheme, keys, max_clock_skew, dedup_window, light_copies)
+        if storage is None:
+            storage = (FakeStorage(), FakeStorage())
+        qos = spec.qos
+        self.fsync = qos.fsync
+        interval = qos.fsync_interval / 1000.0
+        self.log_limit = qos.max_bytes * LOG_BYTES_FACTOR
+        self.drop_oldest = qos.overflow == "drop-oldest"
+        self._stores = (SyncLater(storage[0]), SyncLater(storage[1]))
+        segment = min(MAX_SEGMENT_BYTES, max(MIN_SEGMENT_BYTES, self.log_limit // SEGMENTS_PER_LOG))
+        self.log = SegmentLog(
+            self._stores[0], segment_bytes=segment, fsync=self.fsync, interval=interval,
+            max_age=qos.ttl,
+        )
+        self.acks = SegmentLog(
+            self._stores[1], segment_bytes=ACK_SEGMENT_BYTES, fsync=self.fsync, interval=interval,
+        )
+        self.held = deque()
+        self.syncing = None
+        self.failed = None
+        self._keys = {}  # log index -> (publisher, first_id), in index order
+        self._where = {}  # (publisher, first_id) -> log index
+        self._starts = {}  # subscriber -> the log index its queue starts at
+        self._compacted_bytes = 0
+        # the ack log indexes [from, end) of a compacted copy not yet durable
+        self._compacted_from = self._compacted_end = None
+        self._last_reclaim = None
+        self._now = 0.0  # the latest time a caller gave
+        for name in ("recovered", "recovery-cut", "recovery-lost", "recovery-undecodable",
+                     "log-overflow", "log-expired-batches", "refused:log-full", "refused:disk-full",
+                     "refused:storage-failed", "ack-log-failed"):
+            self.counters.setdefault(name, 0)
+        self._recover()
+        self.durable = (self.log.next_index, self.acks.next_index)
+
+    # -- recovery
+
+    def _recover(self):
+        """
+        Open both logs (cutting torn tails) and rebuild the subscribers,
+        their queues and the deduplication memory from them.
+        """
+        for what, log in (("batch", self.log), ("acknowledgement", self.acks)):
+            recovery = log.recover()
+            for damage in recovery.damage:
+                reason = "recovery-cut" if damage.tail else "recovery-lost"
+                if what == "batch":
+                    self.count(reason, damage.records)
+                self.logger.warn(
+                    "disk channel {tag!r}: {what} log: {damage}",
+                    tag=self.tag, what=what, damage=damage.describe(),
+                )
+        starts, acked = self._read_acks()
+        end = self.log.next_index
+        self._starts = {sub: min(start, end) for sub, start in starts.items()}
+        qos = self.spec.qos
+        pending = {sub: [] for sub in self._starts}
+        for sub in self._starts:
+            self.queues[sub] = self.new_queue()
+        recovered = 0
+        for index, _, payload in self.log.read_from(self.log.first_index):
+            batch = decode_batch(payload)
+            count = payload_count(batch[5]) if batch is not None else 0
+            if not count or not 0 <= batch[4] < qos.urgency_levels:
+                self.count("recovery-undecodable")
+                continue
+            key = (batch[0], batch[1])
+            if key in self._where:
+                continue  # the same batch twice: queued once
+            ranges = self._ranges(batch[0])
+            digest = _identity(batch)
+            if ranges.check(batch[1], count, digest) == "new":
+                ranges.add(batch[1], count, digest)
+            self._keys[index] = key
+            self._where[key] = index
+            entry = (count, self._outgoing(batch), batch, batch_bytes(batch))
+            recovered += count
+            for sub, start in self._starts.items():
+                if index >= start and key not in acked.get(sub, ()):
+                    pending[sub].append(entry)
+        self.count("recovered", recovered)
+        for sub, entries in pending.items():
+            self.queues[sub].extend(entries)
+        if recovered or self._starts:
+            self.logger.info(
+                "disk channel {tag!r}: recovered {events} events in {records} batches,"
+                " {subscribers} subscribers",
+                tag=self.tag, events=recovered, records=len(self._keys),
+                subscribers=len(self._starts),
+            )
+
+    def _read_acks(self):
+        """
+        Return C{(starts, acked)} as the acknowledgement log says:
+        subscriber -> start index, subscriber -> set of keys done with.
+        """
+        state = ({}, {})
+        staged = None
+        for _, _, payload in self.acks.read_from(self.acks.first_index):
+            try:
+                record = _unpack(payload)
+                kind = record[0]
+            except Exception:
+                continue
+            if kind == "B":
+                staged = ({}, {})
+                continue
+            if kind == "E":
+                if staged is not None:
+                    state, staged = staged, None
+                continue
+            starts, acked = staged if staged is not None else state
+            try:
+                if kind in ("s", "c"):
+                    starts[record[1]] = int(record[2])
+                    acked[record[1]] = set()
+                elif kind == "u":
+                    starts.pop(record[1], None)
+                    acked.pop(record[1], None)
+                elif kind == "a" and record[1] in starts:
+                    acked[record[1]].update(tuple(key) for key in record[2])
+            except (IndexError, TypeError, ValueError):
+                continue
+        return state
+
+    def new_queue(self):
+        qos = self.spec.qos
+        return OutputQueue(qos.capacity, qos.urgency_levels, qos.overflow, qos.max_bytes)
+
+    # -- accepting
+
+    def _refusal(self, error):
+        if error.full:
+            return self.refuse(
+                DISK_FULL,
+                f"channel {self.tag!r}: the replica's disk is full ({error}); "
+                "nothing acknowledged was dropped, retry once there is room",
+                "disk-full",
+            )
+        return self.refuse(
+            STORAGE_FAILED,
+            f"channel {self.tag!r}: the replica's storage failed ({error}); "
+            "the replica must be restarted to recover its log",
+            "storage-failed",
+        )
+
+    def apply(self, client, checked, now):
+        """
+        Append admitted batches to the log, then to every subscriber's
+        queue.  A batch the log refuses (full disk, failed storage) refuses
+        the rest of the request; the batches before it stay accepted.
+        """
+        self._now = now
+        if self.failed is not None:
+            raise self._refusal(self.failed)
+        if not self.drop_oldest:
+            self._check_room(checked, now)
+        ranges = self._ranges(client)
+        fresh = []
+        duplicates = expired = 0
+        several = len(checked) > 1
+        failure = None
+        for count, batch, digest, verdict in checked:
+            first_id = batch[1]
+            if several:
+                verdict = ranges.check(first_id, count, digest)
+                if verdict == "conflict":
+                    failure = self._overlap(len(fresh), client, first_id, count)
+                    break
+            if verdict != "new":
+                duplicates += count
+            elif not batch[2] + batch[3] > now:
+                expired += count
+            else:
+                try:
+                    index = self.log.append(_pack(list(batch)), now, timestamp=batch[2])
+                except StorageError as e:
+                    failure = self._refusal(e)
+                    break
+                ranges.add(first_id, count, digest)
+                key = (batch[0], first_id)
+                self._keys[index] = key
+                self._where[key] = index
+                fresh.append((count, self._outgoing(batch), batch, batch_bytes(batch)))
+        if duplicates:
+            self.count("duplicate", duplicates)
+        if expired:
+            self.count("expired-on-arrival", expired)
+        self.registered.add(client)
+        self.append(fresh)
+        if failure is not None:
+            raise failure
+        return fresh
+
+    def _check_room(self, checked, now):
+        """
+        Under drop-newest, refuse a publish the log has no room for, after
+        reclaiming what no subscriber needs any more.
+        """
+        incoming = sum(batch_bytes(batch) for _, batch, _, verdict in checked if verdict == "new")
+        if self.log.size_bytes + incoming <= self.log_limit:
+            return
+        if self._last_reclaim is None or now - self._last_reclaim >= RECLAIM_EVERY:
+            self._last_reclaim = now
+            self._trim(now, room=incoming)
+        if self.log.size_bytes + incoming > self.log_limit:
+            raise self.refuse(
+                Status.QUEUE_FULL,
+                f"channel {self.tag!r} is full: its log holds {self.log.size_bytes} bytes, "
+                f"the most is {self.log_limit} ({LOG_BYTES_FACTOR} x max_bytes) and the class "
+                "drops the newest; retry once subscribers catch up or events expire",
+                "log-full",
+            )
+
+    # -- group commit
+
+    def must_wait(self):
+        """
+        Whether a publish answered now must wait for a sync: under
+        C{"always"}, while anything appended is not known synced.
+        """
+        return self.fsync == "always" and (
+            self.durable[0] < self.log.next_index or self.durable[1] < self.acks.next_index
+        )
+
+    def hold(self, token, reply):
+        """
+        Keep C{reply} until a sync covers everything appended so far;
+        return C{False} (and keep nothing) when too many already wait.
+        """
+        if len(self.held) >= MAX_HELD:
+            return False
+        self.held.append((self.log.next_index, self.acks.next_index, token, reply))
+        return True
+
+    def sync_due(self, now):
+        """
+        Whether a sync should start now under this channel's policy.
+        """
+        if self.syncing is not None or self.failed is not None:
+            return False
+        if self._stores[0].pending or self._stores[1].pending:
+            return True  # a segment rolled: its file waits for its sync
+        if self.fsync == "never":
+            return False
+        return any(
+            deadline is not None and deadline <= now
+            for deadline in (self.log.sync_deadline, self.acks.sync_deadline)
+        )
+
+    def next_sync_at(self):
+        """
+        When the policy wants the next sync (C{None}: not before more
+        appends, or one runs already).
+        """
+        if self.syncing is not None or self.failed is not None or self.fsync == "never":
+            return None
+        deadlines = [d for d in (self.log.sync_deadline, self.acks.sync_deadline) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def begin_sync(self, now):
+        """
+        Start a group commit of everything appended so far; return its
+        L{SyncJob} (run it, then L{end_sync}), or C{None} when nothing
+        waits.
+        """
+        if self.syncing is not None or self.failed is not None:
+            return None
+        if self.fsync != "never":
+            self.log.sync(now)
+            self.acks.sync(now)
+        files = [(store.storage, name) for store in self._stores for name in store.take()]
+        if not files:
+            self.durable = (self.log.next_index, self.acks.next_index)
+            return None
+        self.syncing = SyncJob(files, self.log.next_index, self.acks.next_index)
+        return self.syncing
+
+    def end_sync(self, job, error=None):
+        """
+        Note that C{job} ran (or failed with C{error}); return the
+        C{(token, reply)} pairs of the publishes it answered.  C{job}
+        C{None} answers what earlier syncs covered.
+        """
+        if self.syncing is job:
+            self.syncing = None
+        released = []
+        if error is not None:
+            if not isinstance(error, StorageError):
+                error = StorageError(f"sync failed: {error}")
+            error.full = False
+            self.failed = self.log.failed = self.acks.failed = error
+            self.logger.error(
+                "disk channel {tag!r}: {error}; publishes are refused until the replica restarts",
+                tag=self.tag, error=str(error),
+            )
+            while self.held:
+                _, _, token, reply = self.held.popleft()
+                self.count("refused:storage-failed")
+                released.append((token, Reply(
+                    reply.seq, STORAGE_FAILED,
+                    f"channel {self.tag!r}: the replica could not sync its log ({error})",
+                    channel=self.tag,
+                )))
+            return released
+        if job is not None:
+            self.durable = (max(self.durable[0], job.log_end), max(self.durable[1], job.ack_end))
+        log_end, ack_end = self.durable
+        held = self.held
+        while held and held[0][0] <= log_end and held[0][1] <= ack_end:
+            released.append(held.popleft()[2:])
+        return released
+
+    def sync_now(self, now):
+        """
+        Run a whole group commit on this thread (tests, shutdown); return
+        the C{(token, reply)} pairs it answered.
+        """
+        job = self.begin_sync(now)
+        if job is None:
+            return self.end_sync(None)
+        try:
+            job.run()
+        except StorageError as e:
+            return self.end_sync(job, e)
+        return self.end_sync(job)
+
+    def close(self, now):
+        """
+        Sync what is pending and release the files; return the answers.
+        """
+        answers = [] if self.syncing is not None else self.sync_now(now)
+        for store in self._stores:
+            try:
+                store.close()
+            except StorageError:
+                pass
+        return answers
+
+    # -- subscribers
+
+    def _record(self, record, durable=False):
+        """
+        Append C{record} to the acknowledgement log; return the error.
+        With C{durable}, ask for a sync whatever the policy: losing a
+        subscription loses its whole queue, and subscriptions are rare.
+        """
+        if self.failed is not None:
+            return self.failed
+        try:
+            self.acks.append(_pack(record), self._now)
+            if durable:
+                self.acks.sync(self._now)
+        except StorageError as e:
+            self.count("ack-log-failed")
+            return e
+        return None
+
+    def subscribe(self, client, resume):
+        had = client in self.queues
+        queue, skipped = super().subscribe(client, resume)
+        start = self.log.next_index
+        if not had:
+            error = self._record(["s", client, start], durable=True)
+            if error is not None:
+                self.queues.pop(client, None)
+                raise self._refusal(error)
+            self._starts[client] = start
+        elif not resume:
+            self._starts[client] = start
+            self._record(["c", client, start], durable=True)
+        return queue, skipped
+
+    def unsubscribe(self, client):
+        queue = super().unsubscribe(client)
+        if queue is not None:
+            self._starts.pop(client, None)
+            self._record(["u", client], durable=True)
+        return queue
+
+    def acknowledge(self, client, keys, delivered=True):
+        """
+        C{client} is done with C{keys} (see L{OutputQueue.ack}): forget
+        them in its queue and record that, so a restart does not resend
+        them.
+        """
+        queue = self.queues.get(client)
+        if queue is None:
+            return 0
+        acked = queue.ack(keys, delivered)
+        if keys:
+            self._record(["a", client, [list(key) for key in keys]])
+        return acked
+
+    def take(self, client, count, now):
+        batches = super().take(client, count, now)
+        if batches:
+            self._record(["a", client, [[b[0], b[1]] for b in batches]])
+        return batches
+
+    # -- retention
+
+    def expire(self, now):
+        """
+        Expire queued batches, drop log segments past the TTL or the size
+        bound, and compact the acknowledgement log once it has grown.
+        """
+        super().expire(now)
+        self._now = now
+        if self.syncing is None and self.failed is None:
+            self._trim(now)
+            self._compact(now)
+
+    def _forget_range(self, first, end):
+        keys = []
+        for index in range(first, end):
+            key = self._keys.pop(index, None)
+            if key is not None:
+                self._where.pop(key, None)
+                keys.append(key)
+        return keys
+
+    def _floor(self):
+        """
+        Return the lowest log index a subscriber's queue still holds (the
+        end of the log when none).
+        """
+        queues = list(self.queues.values())
+        for index, key in self._keys.items():
+            for queue in queues:
+                if queue.lookup(key) is not None:
+                    return index
+        return self.log.next_index
+
+    def _trim(self, now, room=0):
+        """
+        Retention: segments whose events all expired go first; then, while
+        the log is over its bound (less C{room} bytes), segments no
+        subscriber still needs; then (drop-oldest only) the oldest
+        segments, whose batches leave every queue counted as overflowed.
+        """
+        if self.syncing is not None:
+            return
+        log = self.log
+        try:
+            log.max_bytes = None
+            trimmed = log.trim(now)
+            self._forget_range(trimmed.first_index, trimmed.end_index)
+            self.count("log-expired-batches", trimmed.expired)
+            limit = max(0, self.log_limit - room)
+            if log.size_bytes <= limit:
+                return
+            log.max_bytes = limit
+            trimmed = log.trim(now, keep_after_index=self._floor() - 1)
+            self._forget_range(trimmed.first_index, trimmed.end_index)
+            if not self.drop_oldest or log.size_bytes <= limit:
+                return
+            trimmed = log.trim(now)
+            keys = self._forget_range(trimmed.first_index, trimmed.end_index)
+            dropped = 0
+            for queue in self.queues.values():
+                gone = queue.ack(keys, delivered=False)
+                queue.counters["dropped-by-voter"] -= gone
+                queue.counters["overflowed"] += gone
+                dropped += gone
+            self.count("log-overflow", dropped)
+        except StorageError as e:
+            self.logger.warn("disk channel {tag!r}: retention: {error}", tag=self.tag, error=str(e))
+        finally:
+            log.max_bytes = None
+
+    def _compact(self, now):
+        """
+        Rewrite what the acknowledgement log says in a few records at its
+        end, and drop the segments before them once those are synced.
+        """
+        acks = self.acks
+        if self._compacted_from is not None:
+            if self.durable[1] >= self._compacted_end:
+                acks.max_bytes = 0
+                try:
+                    acks.trim(now, keep_after_index=self._compacted_from - 1)
+                except StorageError as e:
+                    self.logger.warn("disk channel {tag!r}: compaction: {error}", tag=self.tag, error=str(e))
+                finally:
+                    acks.max_bytes = None
+                self._compacted_from = None
+            return
+        if acks.size_bytes <= max(ACK_COMPACT_BYTES, 4 * self._compacted_bytes):
+            return
+        before = acks.size_bytes
+        start = acks.next_index
+        records = [["B"]]
+        for sub, first in self._starts.items():
+            records.append(["s", sub, first])
+            queue = self.queues.get(sub)
+            done = [
+                [key[0], key[1]] for index, key in self._keys.items()
+                if index >= first and (queue is None or queue.lookup(key) is None)
+            ]
+            for k in range(0, len(done), KEYS_PER_RECORD):
+                records.append(["a", sub, done[k : k + KEYS_PER_RECORD]])
+        records.append(["E"])
+        size = acks.size_bytes
+        for record in records:
+            if self._record(record) is not None:
+                return  # an incomplete copy is ignored by recovery
+        self._compacted_bytes = acks.size_bytes - size
+        self._compacted_from = start
+        self._compacted_end = acks.next_index
+        acks.sync(now)  # whatever the policy: the old records go once this is synced
+        self.logger.info(
+            "disk channel {tag!r}: compacted its acknowledgement log from {before} to {after} bytes",
+            tag=self.tag, before=before, after=self._compacted_bytes,
+        )
+
+    # -- status
+
+    def snapshot(self, subscriber=None):
+        view = super().snapshot(subscriber)
+        view["disk"] = {
+            "fsync": self.fsync,
+            "log": self.log.stats(),
+            "acks": self.acks.stats(),
+            "limit_bytes": self.log_limit,
+            "held": len(self.held),
+            "failed": None if self.failed is None else str(self.failed),
+        }
+        return view
