@@ -465,3 +465,25 @@ def test_ordered_disk_classes_are_refused_at_load():
     assert "not supported yet" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ConfigError):
         cluster_config(("events",), persistence="disk", fsync="sometimes")
+
+
+def test_damage_in_an_older_segment_is_counted_and_the_rest_kept():
+    """A byte flipped in an older segment loses only the records from there to that segment's end, counted as recovery-lost; later segments are kept."""
+    cfg = config(max_bytes=16384)
+    disk = Disk()
+    broker = start(cfg, disk)
+    subscribe(broker)
+    for i in range(1, 30):
+        publish(broker, [event(i, size=300)], object())
+        sync(broker)
+    channel = broker.channels["events"]
+    segments = channel.log.segments
+    assert len(segments) >= 3
+    batches, _ = disk("events")
+    batches.damage(segments[0], 20, b"\xff")
+    again = start(cfg, disk)
+    counters = again.channels["events"].counters
+    kept = waiting_ids(again)
+    assert counters["recovery-lost"] > 0
+    assert len(kept) == 29 - counters["recovery-lost"]
+    assert kept[-1] == 29 and 1 not in kept
