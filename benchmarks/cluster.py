@@ -142,11 +142,6 @@ def resident_kib(pid):
     return values.get("VmRSS"), values.get("VmHWM")
 
 
-# An unused channel with a keyed scheme, added only while replicas load no
-# keys for a cluster whose sole need of them is its ordered channels.
-KEYED_IDLE_CHANNEL = "keyed-idle"
-
-
 def cpu_seconds(pid):
     """
     Return the CPU time (user and system) process C{pid} has used, from
@@ -163,7 +158,6 @@ def cpu_seconds(pid):
 
 def cluster_toml(
     ports, tags, mode, faults=1, capacity=None, ttl=None, keys_dir=None, subscribers=1,
-    keyed_idle=False,
 ):
     """
     Return the text of a cluster file: one replica per port, clients
@@ -173,8 +167,6 @@ def cluster_toml(
 
     @param capacity: queue capacity per subscriber; C{None} keeps the
         broker's default, as the memory benchmark wants.
-    @param keyed_idle: add L{KEYED_IDLE_CHANNEL}, unordered, of C{mode}'s
-        QoP and the C{ha} scheme, which nobody uses (see L{prepare_cluster}).
     """
     from fit_broker.init import cluster_toml as write_toml
 
@@ -185,38 +177,18 @@ def cluster_toml(
     readers = subscriber_names(subscribers)
     rows = [(tag, tag, "bench", mode.qop, mode.scheme, [PUBLISHER], readers) for tag in tags]
     classes = {"bench": bench}
-    if keyed_idle:
-        rows.append((KEYED_IDLE_CHANNEL, KEYED_IDLE_CHANNEL, "idle", mode.qop, "ha", [PUBLISHER], readers))
-        classes["idle"] = {"ordering": "none"}
     return write_toml(
         "bench", faults, ports, [PUBLISHER, *readers], rows, keys_dir=keys_dir, tls=False,
         admins=[], classes=classes,
     )
 
 
-def replicas_load_keys(path):
-    """
-    Whether a replica of the cluster file at C{path} loads its keys.
-    """
-    from fit_broker.config import load_config
-    from fit_broker.credentials import replica_credentials
-
-    return replica_credentials(load_config(path), 0)[0] is not None
-
-
 def prepare_cluster(
     folder, mode_name, channels, replicas=4, faults=1, capacity=None, ttl=None, subscribers=1,
-    notes=None,
 ):
     """
     Write the cluster file (and key material, for schemes and orderings
     that need it) into C{folder} and check that FIT Broker accepts it.
-
-    Replicas of a cluster without TLS load their keys only when a channel's
-    scheme needs them, so those of an ordered mode with scheme C{si} would
-    run with no keys for their links, and refuse to link.  While that
-    holds, the file gets L{KEYED_IDLE_CHANNEL}, an unused channel whose
-    scheme makes them load their keys, and C{notes} (a list) says so.
 
     @return: C{(path, ports)}.
     @raise Unavailable: when this checkout cannot run C{mode_name} yet.
@@ -236,20 +208,13 @@ def prepare_cluster(
             material = os.path.join(folder, keys_dir)
             shutil.rmtree(material, ignore_errors=True)
             clients = [PUBLISHER, *subscriber_names(subscribers)]
-            keyed = tags + [KEYED_IDLE_CHANNEL] if mode.ordered else tags
-            write_cluster_material(material, "bench", replicas, clients, {tag: clients for tag in keyed})
+            write_cluster_material(material, "bench", replicas, clients, {tag: clients for tag in tags})
         except Exception as e:
             raise Unavailable(f"cannot make key material: {type(e).__name__}: {e}") from None
     path = os.path.join(folder, "cluster.toml")
     with open(path, "w") as f:
         f.write(cluster_toml(ports, tags, mode, faults, capacity, ttl, keys_dir, subscribers))
     check_config(path)
-    if mode.ordered and keys_dir is not None and not replicas_load_keys(path):
-        with open(path, "w") as f:
-            f.write(cluster_toml(ports, tags, mode, faults, capacity, ttl, keys_dir, subscribers, True))
-        check_config(path)
-        if notes is not None:
-            notes.append(f"replicas load keys only thanks to an idle channel {KEYED_IDLE_CHANNEL!r}")
     return path, ports
 
 

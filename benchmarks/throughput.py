@@ -392,7 +392,7 @@ def run_fit_point(workdir, mode, channels, options, relay=False):
     try:
         path, ports = prepare_cluster(
             folder, mode, channels, REPLICAS, FAULTS, capacity=BENCH_CAPACITY,
-            subscribers=options.subscribers, notes=notes,
+            subscribers=options.subscribers,
         )
     except Unavailable as e:
         return _row(system, label, channels, note=f"unavailable: {e}", rate=options.rate)

@@ -20,14 +20,19 @@ def _keys_dir(config, why):
 
 def _needs_keys(config):
     """
-    Whether C{config} needs a keys folder: TLS is on, or a channel's scheme
-    uses key material.  The channels' schemes are looked up first, so that a
-    scheme no plugin provides is reported as such, not as a missing folder.
+    Whether C{config} needs a keys folder: TLS is on, a channel's scheme
+    uses key material, or the file names a keys folder and replicas agree
+    (ordered channels, or administrators who change the table: their links
+    and signatures use the replicas' keys, and replicas check the
+    administrators' signatures).  The channels' schemes are looked up first,
+    so that a scheme no plugin provides is reported as such, not as a
+    missing folder.
     """
     schemes = scheme_lookup(config)
-    return config.tls or any(
-        scheme_uses_keys(schemes(spec.scheme)) for spec in config.channels.values()
-    )
+    if config.tls or any(scheme_uses_keys(schemes(spec.scheme)) for spec in config.channels.values()):
+        return True
+    agreeing = config.admins or any(spec.qos.ordering != "none" for spec in config.channels.values())
+    return config.keys_dir is not None and bool(agreeing)
 
 
 def replica_credentials(config, index):

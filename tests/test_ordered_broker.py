@@ -365,3 +365,21 @@ def test_a_sent_entry_that_expires_unacknowledged_is_resent_as_a_tombstone():
     q.requeue_unacked()
     taken = q.take(100, 1 << 20, NOW + 10, lambda r: event(1))
     assert [(e[1], e[3]) for e in taken] == [(1, EXPIRED)]
+
+
+def test_replicas_load_their_keys_when_only_agreement_needs_them(tmp_path):
+    """Without TLS and with only unkeyed (si) ordered channels, replicas still load the keys their links and signatures need."""
+    from fit_broker.config import load_config
+    from fit_broker.credentials import replica_credentials
+    from fit_broker.pki import write_cluster_material
+
+    clients = ["probe", "console"]
+    write_cluster_material(str(tmp_path / "keys"), "t", 4, clients, {"events": clients})
+    text = cluster_toml(
+        "t", 1, [7600 + i for i in range(4)], clients,
+        [("events", "events", "ordered", "bft", "si", clients, clients)],
+        keys_dir="keys", tls=False, admins=[], classes={"ordered": {"ordering": "channel"}},
+    )
+    (tmp_path / "cluster.toml").write_text(text)
+    keys, tls, _ = replica_credentials(load_config(str(tmp_path / "cluster.toml")), 0)
+    assert tls is None and keys is not None and keys.replica_signing_key is not None
