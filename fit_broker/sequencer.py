@@ -136,6 +136,7 @@ class OrderedVoter(CreditAndAcks):
         self.channel = channel
         self.from_position = None
         self.last = None
+        self.version = 0  # moves whenever what settled() reads may have changed
         self.next_seq = None
         if resume is not None:
             self.last = (resume[0], resume[1])
@@ -157,6 +158,7 @@ class OrderedVoter(CreditAndAcks):
     # -- the start ---------------------------------------------------------
 
     def start_from(self, position):
+        self.version += 1
         if self._offered:
             raise ValueError("the start of an ordered channel is set before its first entry")
         if type(position) is not int or position < 1:
@@ -183,6 +185,7 @@ class OrderedVoter(CreditAndAcks):
     # -- taking copies -----------------------------------------------------
 
     def offer(self, replica, entries, now, costs=None):
+        self.version += 1
         self._offered = True
         copies = self._copies.get(replica)
         if copies is None:
@@ -394,6 +397,7 @@ class OrderedVoter(CreditAndAcks):
         for without a full copy coming within L{FETCH_DELAY}: ask those
         replicas, again every L{REFETCH_INTERVAL}.
         """
+        self.version += 1
         self.fetch_ready = False
         due = []
         for seq, want in self._wanted.items():
@@ -409,6 +413,7 @@ class OrderedVoter(CreditAndAcks):
         return due
 
     def offer_fetched(self, replica, batches, now):
+        self.version += 1
         for batch in batches:
             seq = self._wanted_keys.get((batch[0], batch[1]))
             if seq is None or not batch[5]:
@@ -428,6 +433,7 @@ class OrderedVoter(CreditAndAcks):
         return out
 
     def expire(self, now):
+        self.version += 1
         out = []
         self._advance(now, out)
         return out
@@ -435,6 +441,7 @@ class OrderedVoter(CreditAndAcks):
     # -- watermarks, for the merge across global channels -----------------
 
     def note_watermark(self, replica, watermark):
+        self.version += 1
         self._watermarks[replica] = watermark
 
     def settled(self):
@@ -469,6 +476,7 @@ class OrderedVoter(CreditAndAcks):
         return []
 
     def take_reopen(self, now):
+        self.version += 1
         start = self.next_seq
         if start is None or not self._missed:
             return []
@@ -485,6 +493,7 @@ class OrderedVoter(CreditAndAcks):
         Drop a replica's copies without crediting them: the subscriber
         resets that replica's credit as it opens its stream again.
         """
+        self.version += 1
         copies = self._copies.pop(replica, None) or ()
         self._held.pop(replica, None)
         self._expect.pop(replica, None)
@@ -524,12 +533,13 @@ class Lane:
     sequence order.
     """
 
-    __slots__ = ("tag", "voter", "items")
+    __slots__ = ("tag", "voter", "items", "_settled")
 
     def __init__(self, tag, voter):
         self.tag = tag
         self.voter = voter
         self.items = deque()
+        self._settled = (None, -1)
 
     def push(self, items):
         self.items.extend(items)
@@ -550,7 +560,15 @@ class Lane:
         its voter says is settled.
         """
         position = self.first_position()
-        return position - 1 if position is not None else self.voter.settled()
+        if position is not None:
+            return position - 1
+        # asked for every group another channel hands over: computed again
+        # only when the voter took something since
+        version, bound = self._settled
+        if version != self.voter.version:
+            bound = self.voter.settled()
+            self._settled = (self.voter.version, bound)
+        return bound
 
     def take_skips(self):
         items = self.items

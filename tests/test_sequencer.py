@@ -428,3 +428,24 @@ def test_whatever_one_liar_sends_correct_replicas_decide_the_same_sequence(moves
     for replica in (0, 1, 2):
         out += voter.offer(replica, truth[sent[replica]:], NOW)
     assert [(i.seq, i.position, i.batch) for i in out] == [(e[1], e[0], e[2]) for e in truth]
+
+
+def test_a_lane_reuses_its_settled_bound_until_its_voter_takes_something():
+    """The merge asks every idle lane's bound for each group; it is computed again only after the voter changed."""
+    from fit_broker.sequencer import Lane, OrderedVoter
+
+    voter = OrderedVoter(faults=1, byzantine=True, window=(100, 1 << 20))
+    lane = Lane("idle", voter)
+    calls = []
+    real = voter.settled
+
+    def counted():
+        calls.append(1)
+        return real()
+
+    voter.settled = counted
+    first = lane.limit()
+    assert lane.limit() == first and len(calls) == 1
+    for replica in (0, 1):
+        voter.note_watermark(replica, 40)
+    assert lane.limit() == 40 and len(calls) == 2
