@@ -54,7 +54,9 @@ def describe_channels(config):
     its own mode and scheme, taken from the file so the greeting cannot drift.
     """
     return ", ".join(
-        f"{tag} ({spec.qop.upper()}, {spec.scheme.upper()})" for tag, spec in config.channels.items()
+        f"{tag} ({spec.qop.upper()}, {spec.scheme.upper()}"
+        f"{'' if spec.qos.ordering == 'none' else ', ' + spec.qos.ordering + ' order'})"
+        for tag, spec in config.channels.items()
     )
 
 

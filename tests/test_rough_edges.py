@@ -193,6 +193,7 @@ def test_greeting_gives_each_channel_its_own_mode(tmp_path, monkeypatch):
     assert "alerts (BFT, HA)" in text
     assert "health (CFT, SI)" in text
     assert "syslog (BFT, HA)" in text
+    assert "audit (BFT, HA, global order)" in text
     with open(tmp_path / "fitbroker-local" / "syslog.toml", "rb") as f:
         assert tomllib.load(f)["client"] == "syslog"
 
