@@ -208,13 +208,19 @@ class Channel:
             else:
                 ranges.add(first_id, count, digest)
                 fresh.append((count, self._outgoing(batch), batch, batch_bytes(batch)))
+        self._applied(client, fresh, duplicates, expired)
+        return fresh
+
+    def _applied(self, client, fresh, duplicates, expired):
+        """
+        Count what a publish dropped, and queue what it brought.
+        """
         if duplicates:
             self.count("duplicate", duplicates)
         if expired:
             self.count("expired-on-arrival", expired)
         self.registered.add(client)
         self.append(fresh)
-        return fresh
 
     def _overlap(self, index, client, first_id, count):
         return self.refuse(

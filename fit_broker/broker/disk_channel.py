@@ -395,12 +395,7 @@ class DiskChannel(Channel):
                 self._keys[index] = key
                 self._where[key] = index
                 fresh.append((count, self._outgoing(batch), batch, batch_bytes(batch)))
-        if duplicates:
-            self.count("duplicate", duplicates)
-        if expired:
-            self.count("expired-on-arrival", expired)
-        self.registered.add(client)
-        self.append(fresh)
+        self._applied(client, fresh, duplicates, expired)
         if failure is not None:
             raise failure
         return fresh
