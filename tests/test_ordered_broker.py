@@ -383,3 +383,22 @@ def test_replicas_load_their_keys_when_only_agreement_needs_them(tmp_path):
     (tmp_path / "cluster.toml").write_text(text)
     keys, tls, _ = replica_credentials(load_config(str(tmp_path / "cluster.toml")), 0)
     assert tls is None and keys is not None and keys.replica_signing_key is not None
+
+
+def test_a_publish_ordered_after_its_publisher_was_revoked_is_refused_not_acknowledged():
+    """A batch admitted before a revocation but ordered after it is never delivered, so its publisher is told so instead of ok."""
+    (a, b), rings = _admin_machines()
+    log = Log(a, b)
+    a.handle("console", Request(2, "subscribe", "events", options={"stream": True}), NOW, "s")
+    log.decide(a.take_proposals())
+    a.take_answers()
+    assert a.handle("probe", Request(3, "publish", "events", 0, (event(1),)), NOW, "pub") is None
+    batch = a.take_proposals()
+    a.handle("ops", _admin_request(rings, {"op": "revoke", "tag": "events", "client": "probe", "role": "publish"}), NOW, "adm")
+    log.decide(a.take_proposals())
+    log.decide(batch)
+    answers = dict(a.take_answers())
+    assert answers["adm"].ok
+    assert answers["pub"].status == "unauthorized" and "may no longer publish" in answers["pub"].text
+    stream = a.open_stream("events", "console", 100, 1 << 20)
+    assert stream.take(NOW) == []

@@ -381,6 +381,9 @@ class BrokerStateMachine:
 
     def _answer(self, waiting):
         request = waiting.request
+        refusal = waiting.info.get("refusal")
+        if refusal is not None:
+            return Reply(request.seq, refusal[0], refusal[1], channel=waiting.tag)
         if request.method == units.ADMIN:
             value = next(iter(waiting.decided_values), None)
             ok, text = self._table_results.get(value, (False, "not applied"))
@@ -427,31 +430,43 @@ class BrokerStateMachine:
                 state.position += 1
                 position = state.position
                 kind = value[0]
+                refusal = None
                 if kind == BATCH:
-                    self._apply_batch(value, position, timestamp)
+                    refusal = self._apply_batch(value, position, timestamp)
                 elif kind in (SUBSCRIBE, UNSUBSCRIBE, REGISTER):
-                    self._apply_membership(value)
+                    refusal = self._apply_membership(value)
                 elif kind == TABLE:
                     self._apply_table(value)
-                self._decided(value, position)
+                self._decided(value, position, refusal)
         # subscribers of several global channels merge them by position: every
         # global stream gets the new watermark
         for tag in self._global_tags:
             self.on_ready(tag)
 
     def _apply_batch(self, ref, position, timestamp):
+        """
+        Apply a decided batch reference; return C{(status, text)} when the
+        table or the ids refuse it at this position (it is then never
+        delivered, so whoever waits for it is told so), else C{None}.
+        """
         tag = ref[1]
         channel = self.channels.get(tag)
         if channel is None or not channel.ordered:
             self._count("decided-unknown-channel")
-            return
+            return Status.UNKNOWN_CHANNEL, f"channel {tag!r} was gone when the batch was ordered"
         if not channel.spec.may_publish(ref[2]):
             channel.count("decided-unauthorized", ref[4])
-            return
+            return (
+                Status.UNAUTHORIZED,
+                f"client {ref[2]!r} may no longer publish to {tag!r}: the control table changed "
+                "before the batch was ordered",
+            )
         verdict = self.state.dedup(ref)
         if verdict != "new":
             channel.count("decided-duplicate" if verdict == "duplicate" else f"decided-{verdict}", ref[4])
-            return
+            if verdict == "duplicate":
+                return None
+            return Status.BAD_REQUEST, f"event ids {ref[3]}.. of {ref[2]!r} were {verdict} when ordered"
         seq = self.state.next_seq[tag]
         self.state.next_seq[tag] = seq + 1
         channel.apply(ref, position, seq, timestamp)
@@ -465,39 +480,49 @@ class BrokerStateMachine:
         self.on_ready(tag)
 
     def _apply_membership(self, value):
+        """
+        Apply a decided subscription, unsubscription or registration; return
+        C{(status, text)} when the table refuses it at this position.
+        """
         kind, tag, client = value
         channel = self.channels.get(tag)
         if channel is None or not channel.ordered:
             self._count("decided-unknown-channel")
-            return
+            return Status.UNKNOWN_CHANNEL, f"channel {tag!r} was gone when the request was ordered"
         state = self.state
         if kind == SUBSCRIBE:
-            if channel.spec.may_subscribe(client):
-                state.subscribers[tag].add(client)
-                channel.subscribe(client, True)
+            if not channel.spec.may_subscribe(client):
+                return Status.UNAUTHORIZED, f"client {client!r} may no longer subscribe to {tag!r}"
+            state.subscribers[tag].add(client)
+            channel.subscribe(client, True)
         elif kind == UNSUBSCRIBE:
             state.subscribers[tag].discard(client)
             channel.unsubscribe(client)
         elif channel.spec.may_publish(client):
             state.registered[tag].add(client)
             channel.registered.add(client)
+        else:
+            return Status.UNAUTHORIZED, f"client {client!r} may no longer publish to {tag!r}"
+        return None
 
-    def _decided(self, value, position):
+    def _decided(self, value, position, refusal=None):
         positions = self._positions
         positions[value] = position
         if len(positions) > POSITIONS_MEMORY:
             positions.popitem(last=False)
         tokens = self._waiting.pop(value, None)
         if tokens:
-            self._answer_waiting(tokens, value, position)
+            self._answer_waiting(tokens, value, position, refusal)
         # every request waiting on a table change got its result
         self._table_results.pop(value, None)
 
-    def _answer_waiting(self, tokens, value, position):
+    def _answer_waiting(self, tokens, value, position, refusal=None):
         for token in tokens:
             waiting = self._tokens.get(token)
             if waiting is None:
                 continue
+            if refusal is not None:
+                waiting.info["refusal"] = refusal
             waiting.remaining.discard(value)
             waiting.positions.append(position)
             waiting.decided_values.append(value)
