@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -37,15 +38,36 @@ class Mode:
     How a benchmark mode configures every channel.
 
     @ivar ordering: the QoS class's C{ordering} (none, channel, global).
+    @ivar persistence: the class's C{persistence} (memory, disk).
+    @ivar fsync: a disk class's C{fsync} (always, interval, never).
+    @ivar fsync_interval: a disk class's C{fsync_interval}, in ms.
     """
 
     qop: str
     scheme: str
     ordering: str = "none"
+    persistence: str = "memory"
+    fsync: str = "always"
+    fsync_interval: int = 50
 
     @property
     def ordered(self):
         return self.ordering != "none"
+
+    @property
+    def on_disk(self):
+        return self.persistence == "disk"
+
+    def class_keys(self):
+        """
+        The C{[classes.bench]} keys this mode sets, beside capacity and ttl.
+        """
+        keys = {"ordering": self.ordering}
+        if self.on_disk:
+            keys.update(persistence="disk", fsync=self.fsync)
+            if self.fsync == "interval":
+                keys["fsync_interval"] = self.fsync_interval
+        return keys
 
     @property
     def needs_keys(self):
@@ -65,7 +87,23 @@ MODES = {
     "cft-ordered": Mode(qop="cft", scheme="si", ordering="channel"),
     "bft-ordered": Mode(qop="bft", scheme="ha", ordering="channel"),
     "bft-ordered-global": Mode(qop="bft", scheme="ha", ordering="global"),
+    # Disk channels (unordered classes only): each replica logs every batch
+    # it accepts into its data folder, inside the point's folder.
+    "cft-disk-always": Mode(qop="cft", scheme="si", persistence="disk", fsync="always"),
+    "cft-disk-interval": Mode(qop="cft", scheme="si", persistence="disk", fsync="interval"),
+    "cft-disk-never": Mode(qop="cft", scheme="si", persistence="disk", fsync="never"),
+    "bft-disk-always": Mode(qop="bft", scheme="ha", persistence="disk", fsync="always"),
 }
+
+DATA_DIR = "data"
+
+
+def replica_data(index):
+    """
+    Replica C{index}'s data folder, relative to the cluster file's folder
+    (where the broker resolves a relative C{data}).
+    """
+    return f"{DATA_DIR}/replica-{index}"
 
 
 def channel_tags(count):
@@ -170,17 +208,87 @@ def cluster_toml(
     """
     from fit_broker.init import cluster_toml as write_toml
 
-    bench = {"ordering": mode.ordering}
+    bench = mode.class_keys()
     for key, value in (("capacity", capacity), ("ttl", ttl)):
         if value is not None:
             bench[key] = value
     readers = subscriber_names(subscribers)
     rows = [(tag, tag, "bench", mode.qop, mode.scheme, [PUBLISHER], readers) for tag in tags]
     classes = {"bench": bench}
-    return write_toml(
+    text = write_toml(
         "bench", faults, ports, [PUBLISHER, *readers], rows, keys_dir=keys_dir, tls=False,
         admins=[], classes=classes,
     )
+    return with_replica_data(text) if mode.on_disk else text
+
+
+def with_replica_data(text):
+    """
+    Give each C{[[replicas]]} table of cluster file C{text} a C{data} key
+    naming L{replica_data}, so that a point's disk channels live in its own
+    folder and not in the user's state folder.  (L{fit_broker.init.cluster_toml}
+    has no such parameter.)
+    """
+    lines = []
+    index = 0
+    for line in text.split("\n"):
+        lines.append(line)
+        if line.strip() == "[[replicas]]":
+            lines.append(f'data = "{replica_data(index)}"')
+            index += 1
+    return "\n".join(lines)
+
+
+def filesystem_type(path):
+    """
+    The type of the filesystem holding C{path} (ext4, tmpfs, overlay...),
+    from the longest matching mount point in /proc/mounts, or C{"unknown"}.
+    """
+    path = os.path.realpath(path)
+    best, kind = "", "unknown"
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mount = fields[1].replace("\\040", " ")
+                inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best):
+                    best, kind = mount, fields[2]
+    except OSError:
+        pass
+    return kind
+
+
+def fsync_latency(folder, count=50, size=4096):
+    """
+    Time C{count} appends of C{size} bytes to a file in C{folder}, each
+    followed by C{os.fsync}: what one C{fsync = "always"} flush costs there
+    at best.  Returns C{{"filesystem", "fsyncs", "median_ms", "p99_ms"}}.
+    """
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "fsync-probe")
+    block = os.urandom(size)
+    times = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(count):
+            start = time.perf_counter()
+            os.write(fd, block)
+            os.fsync(fd)
+            times.append((time.perf_counter() - start) * 1000)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    times.sort()
+    p99 = times[min(len(times) - 1, int(round(0.99 * (len(times) - 1))))]
+    return {
+        "filesystem": filesystem_type(folder),
+        "fsyncs": count,
+        "median_ms": round(statistics.median(times), 3),
+        "p99_ms": round(p99, 3),
+    }
 
 
 def prepare_cluster(
@@ -197,6 +305,9 @@ def prepare_cluster(
         raise Unavailable(f"no mode {mode_name!r}; known: {', '.join(MODES)}")
     mode = MODES[mode_name]
     os.makedirs(folder, exist_ok=True)
+    if mode.on_disk:
+        for index in range(replicas):
+            os.makedirs(os.path.join(folder, replica_data(index)), exist_ok=True)
     tags = channel_tags(channels)
     ports = free_ports(replicas)
     keys_dir = None

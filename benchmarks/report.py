@@ -130,6 +130,7 @@ def write_markdown(path, rows, context):
             f"{_cpu(row)} | "
             f"{share} | {note} |"
         )
+    lines += _disk_lines(rows, context.get("disk"))
     if unavailable:
         lines += ["", "Not measured:", ""]
         for (system, mode), note in unavailable.items():
@@ -137,6 +138,37 @@ def write_markdown(path, rows, context):
     lines.append("")
     with open(path, "w") as f:
         f.write("\n".join(lines))
+
+
+def _disk_lines(rows, disk):
+    """
+    Where disk channels kept their data, what one fsync costs there, and
+    each disk mode's delivered rate as a share of the memory mode of the
+    same QoP at the same channel count (C{cft-disk-always} against C{cft}).
+    """
+    if not disk:
+        return []
+    lines = [
+        "",
+        f"Disk channels: data folders on {disk['filesystem']} ({disk['folder']}); "
+        f"{disk['fsyncs']} appends of 4 KiB each followed by fsync took "
+        f"{disk['median_ms']:.2f} ms median, {disk['p99_ms']:.2f} ms p99.",
+    ]
+    delivered = {
+        (row["system"], row["mode"], int(row["channels"])): _number(row["delivered_per_s"]) for row in rows
+    }
+    shares = []
+    for (system, mode, channels), rate in delivered.items():
+        if system != "fitbroker" or "-disk-" not in mode:
+            continue
+        memory_mode = mode.split("-disk-")[0]
+        memory_mode = "bft-ha" if memory_mode == "bft" else memory_mode
+        memory = delivered.get((system, memory_mode, channels))
+        if rate and memory:
+            shares.append(f"{mode} {channels}ch {100 * rate / memory:.0f}% of {memory_mode}")
+    if shares:
+        lines += ["", "Delivered/s as a share of memory channels: " + ", ".join(shares) + "."]
+    return lines
 
 
 def plot(path, rows, context):

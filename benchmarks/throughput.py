@@ -28,6 +28,7 @@ import time
 
 from benchmarks import report
 from benchmarks.cluster import (
+    DATA_DIR,
     MODES,
     PUBLISHER,
     ROOT,
@@ -38,6 +39,7 @@ from benchmarks.cluster import (
     child_env,
     subscriber_names,
     git_commit,
+    fsync_latency,
     prepare_cluster,
     stop_processes,
 )
@@ -396,6 +398,10 @@ def run_fit_point(workdir, mode, channels, options, relay=False):
         )
     except Unavailable as e:
         return _row(system, label, channels, note=f"unavailable: {e}", rate=options.rate)
+    if not relay and MODES[mode].on_disk and getattr(options, "disk_probe", None) is None:
+        # Once per run, where the first disk point's replicas keep their data.
+        data = os.path.join(folder, DATA_DIR)
+        options.disk_probe = {"folder": data, **fsync_latency(data)}
     profile = sample = None
     if options.profile:
         os.makedirs(options.profile, exist_ok=True)
@@ -555,6 +561,7 @@ def parse_args(argv):
     if not options.channel_counts or min(options.channel_counts) < 1:
         parser.error("--channels: at least one count, each at least 1")
     options.mode_list = _parse_list(options.modes)
+    options.disk_probe = None
     options.peer_points = []
     for item in [] if options.peers.strip() == "none" else _parse_list(options.peers):
         system, _, mode = item.partition(":")
@@ -647,6 +654,7 @@ def main(argv=None):
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             print(f"per-point folders kept in {workdir}", file=sys.stderr)
+    context["disk"] = options.disk_probe
     if options.sample:
         for name in sorted(os.listdir(options.sample)):
             if name.endswith(".txt") and not name.endswith(".summary.txt"):

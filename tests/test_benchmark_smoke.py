@@ -76,6 +76,34 @@ def test_ordered_run_delivers_everything_in_one_order(tmp_path):
     assert "each publisher offers 3,000 events/s" in text
 
 
+def test_disk_mode_loses_nothing_and_reports_fsync(tmp_path):
+    """A disk channel mode syncing on every publish delivers every acknowledged event, and the table names the data folder's filesystem and a measured fsync latency."""
+    out = tmp_path / "results"
+    measured = run_benchmark(
+        out, "--channels", "2", "--seconds", "2", "--modes", "cft-disk-always", "--no-relay", timeout=90
+    )
+    row = measured[("fitbroker", "cft-disk-always", 2)]
+    assert float(row["delivered_per_s"]) > 0, row
+    assert row["lost"] == "0", row
+    assert not row["note"], row
+    text = (out / "results.md").read_text()
+    assert "Disk channels: data folders on " in text
+    assert "followed by fsync took " in text and " ms p99." in text
+
+
+def test_disk_cluster_file_gives_each_replica_its_own_data_folder(tmp_path):
+    """A disk mode's cluster file puts each replica's data in the point's folder and its class on disk with the mode's fsync policy."""
+    from benchmarks.cluster import prepare_cluster
+    from fit_broker.config import load_config
+
+    path, ports = prepare_cluster(str(tmp_path), "cft-disk-interval", 2)
+    config = load_config(path)
+    folders = [config.replicas[i].data for i in range(len(ports))]
+    assert folders == [str(tmp_path / "data" / f"replica-{i}") for i in range(len(ports))]
+    bench = config.classes["bench"]
+    assert (bench.persistence, bench.fsync, bench.fsync_interval) == ("disk", "interval", 50.0)
+
+
 def test_order_check_counts_each_broken_promise():
     """The subscriber's order check counts a publisher's batch handed over before an earlier one, a sequence number or log position going back (across channels with global ordering), skipped numbers, and two subscribers handed different orders disagree on the fingerprint."""
     from benchmarks.driver import OrderCheck
