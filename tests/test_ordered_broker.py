@@ -402,3 +402,18 @@ def test_a_publish_ordered_after_its_publisher_was_revoked_is_refused_not_acknow
     assert answers["pub"].status == "unauthorized" and "may no longer publish" in answers["pub"].text
     stream = a.open_stream("events", "console", 100, 1 << 20)
     assert stream.take(NOW) == []
+
+
+def test_a_missing_batch_is_not_asked_for_after_its_ttl_nor_kept_for_a_removed_channel():
+    """Peers are not asked forever for a decided batch that expired, and a copy for a channel removed since is dropped without error."""
+    a, b = machine(0), machine(1)
+    log = Log(a, b)
+    publish(a, [event(1, ttl=5.0)])
+    log.decide(a.take_proposals())
+    assert len(b.missing_to_fetch(NOW)) == 1
+    assert b.missing_to_fetch(NOW + 10) == [] and not b.missing
+    publish(a, [event(2)])
+    log.decide(a.take_proposals())
+    found = a.serve_peer_fetch([(w[1], w[2], w[3]) for w in b.missing_to_fetch(NOW)])
+    del b.channels["events"]
+    assert b.peer_fetched(found) == 0 and not b.missing

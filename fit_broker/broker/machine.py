@@ -557,6 +557,11 @@ class BrokerStateMachine:
         peers for (each at most every L{PEER_FETCH_RETRY} seconds).
         """
         wanted = []
+        # a batch whose TTL passed is no longer worth fetching: every replica
+        # sends its tombstone
+        gone = [key for key, (ref, _) in self.missing.items() if not ref[6] + ref[7] > now]
+        for key in gone:
+            del self.missing[key]
         for entry in self.missing.values():
             ref, asked = entry
             if asked is None or now - asked >= PEER_FETCH_RETRY:
@@ -605,7 +610,10 @@ class BrokerStateMachine:
                 self._count("peer-fetch-mismatch")
                 continue
             del self.missing[(tag, batch[0], batch[1])]
-            self.channels[tag].keep(batch, ref[5])
+            channel = self.channels.get(tag)
+            if channel is None or not channel.ordered:
+                continue  # removed from the table since it was decided
+            channel.keep(batch, ref[5])
             kept += 1
         if kept:
             self._count("peer-fetched")
