@@ -122,6 +122,24 @@ class IOrderingProtocol(Interface):
         """
 
 
+class IJournalledOrdering(IOrderingProtocol):
+    """
+    An ordering protocol that keeps what it must not forget across a
+    restart in a journal its caller makes durable (built with the option
+    C{journal=True}): its L{fit_broker.agreement.effects.Effects} carry
+    C{journal} records, durable before the messages beside them leave.
+    """
+
+    def resume(records, now):
+        """
+        Rebuild the protocol's state from the journal C{records} (bytes, in
+        the order they were written) after a restart; call it once, first.
+
+        @return: L{Effects}, e.g. the state and decided instances to apply.
+        @raise ValueError: a record is not one this protocol wrote.
+        """
+
+
 class IOrderingFactory(Interface):
     """
     Makes the cluster's ordering protocol at one replica: one replicated log
@@ -145,7 +163,8 @@ class IOrderingFactory(Interface):
             L{fit_broker.agreement.crypto}).
         @param options: keyword arguments a protocol may use or ignore:
             C{validate} (a value's shape check), C{clock_skew},
-            C{checkpoint_interval}, C{leader_timeout}.
+            C{checkpoint_interval}, C{leader_timeout}, C{journal} (see
+            L{IJournalledOrdering}).
         """
 
 

@@ -38,9 +38,16 @@ LIVENESS_BOUND = 150.0
 
 KINDS = (
     "calm", "network", "crash", "phase", "cft", "cft_crash", "equivocate", "conflicting",
-    "forge", "replay", "mutate", "lying_state", "silent", "twins",
+    "forge", "replay", "mutate", "lying_state", "silent", "twins", "journal", "cft_journal",
+    "journal_equivocate",
 )
-BYZANTINE_KINDS = {"equivocate", "conflicting", "forge", "replay", "mutate", "lying_state", "silent", "twins"}
+BYZANTINE_KINDS = {
+    "equivocate", "conflicting", "forge", "replay", "mutate", "lying_state", "silent", "twins",
+    "journal_equivocate",
+}
+# Kinds whose correct replicas keep a journal and may all crash at once
+# (power loss: what was not synced is gone) and restart from it.
+JOURNAL_KINDS = {"journal", "cft_journal", "journal_equivocate"}
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 
@@ -109,11 +116,17 @@ class Node:
         self.correct = behaviour is None
         self.up = True
         self.incarnation = 0
+        # the journal: records synced, and appended since the last sync
+        self.journalled = sim.kind in JOURNAL_KINDS and self.correct
+        self.durable = []
+        self.pending = []
+        self.base = None
         self.start()
 
     def start(self):
         sim = self.sim
-        recovering = self.incarnation > 0
+        # a journalled replica sent no vote it did not sync first
+        recovering = self.incarnation > 0 and not self.journalled
         self.incarnation += 1
         self.app = App()
         self.orderer = Orderer(
@@ -121,8 +134,39 @@ class Node:
             validate=sim.validate, checkpoint_interval=sim.checkpoint_interval,
             leader_timeout=LEADER_TIMEOUT, max_batch_values=sim.max_batch_values,
             clock_skew=sim.clock_skew, pool_limit_values=sim.pool_limit, pool_ttl=sim.pool_ttl,
-            recovering=recovering,
+            recovering=recovering, journal=self.journalled,
         )
+        self.pending = []
+        self.base = None
+        if self.journalled and self.durable:
+            sim.handle(self, self.orderer.resume(list(self.durable), self.clock()))
+
+    def note(self, records):
+        for base, record in records:
+            if base:
+                self.base = len(self.pending)
+            self.pending.append(record)
+
+    def sync(self):
+        """
+        Make the journal durable; a durable base makes what precedes it go.
+        """
+        if self.base is not None:
+            self.durable = self.pending[self.base:]
+        else:
+            self.durable.extend(self.pending)
+        self.pending = []
+        self.base = None
+
+    def lose_power(self, keep_unsynced):
+        """
+        What a crash leaves of the journal: a killed process keeps what it
+        wrote (the page cache survives), a power loss only what was synced.
+        """
+        if keep_unsynced:
+            self.sync()
+        self.pending = []
+        self.base = None
 
     def clock(self):
         return self.sim.now + self.sim.skews[self.index]
@@ -162,7 +206,9 @@ class Sim:
             faulty = set(rng.sample(range(self.n), rng.randint(1, self.f)))
         self.nodes = []
         for i in range(self.n):
-            behaviour = Behaviour(self, kind, i) if i in faulty else None
+            behaviour = None
+            if i in faulty:
+                behaviour = Behaviour(self, "equivocate" if kind == "journal_equivocate" else kind, i)
             self.nodes.append(Node(self, i, cryptos[i], behaviour))
         self.twins = {}
         if kind == "twins":
@@ -228,7 +274,12 @@ class Sim:
             for _ in range(rng.randint(0, 4)):
                 start = rng.uniform(0, self.heal_at)
                 self.at(start, self.partition)
-        if kind in ("crash", "cft_crash", "phase") or (kind == "network" and rng.random() < 0.3):
+        if kind in JOURNAL_KINDS:
+            for _ in range(rng.randint(1, 3)):
+                self.at(rng.uniform(0, self.heal_at), self.crash_all)
+        if kind in ("crash", "cft_crash", "phase", "journal", "cft_journal") or (
+            kind == "network" and rng.random() < 0.3
+        ):
             for _ in range(rng.randint(1, 4)):
                 self.at(rng.uniform(0, self.heal_at), self.crash_some)
         if kind == "phase":
@@ -257,6 +308,8 @@ class Sim:
         if not node.up or node.incarnation != incarnation:
             return
         self.handle(node, node.orderer.tick(node.clock()))
+        if node.journalled:
+            node.sync()
         if node.behaviour is not None:
             node.behaviour.on_tick(node)
         self.at(self.now + TICK, self.tick, node, incarnation)
@@ -290,12 +343,25 @@ class Sim:
             self.crash(node)
             self.at(min(self.now + rng.uniform(0.2, 3.0), self.heal_at), self.restart, node)
 
+    def crash_all(self):
+        """
+        Crash every correct replica at once (a power loss of the whole
+        cluster, more than f) and restart them from their journals.
+        """
+        rng = self.rng
+        for node in self.nodes:
+            if node.correct and node.up:
+                self.crash(node)
+                self.at(min(self.now + rng.uniform(0.1, 2.0), self.heal_at), self.restart, node)
+
     @staticmethod
     def healthy(node):
         return node.up and not node.orderer._recovering
 
     def crash(self, node):
         node.up = False
+        if node.journalled:
+            node.lose_power(self.rng.random() < 0.5)
         for holders in self.holders.values():
             holders.discard(node.index)
 
@@ -349,6 +415,10 @@ class Sim:
         requests, send messages.
         """
         while True:
+            if effects.journal:
+                if not node.journalled:
+                    raise Broken(f"replica {node.index} journals without being asked to")
+                node.note(effects.journal)
             if effects.restore is not None:
                 node.app.restore(*effects.restore)
                 self.progress += 1
@@ -365,6 +435,8 @@ class Sim:
                     self.check_decision(node, decided)
                 if decided.instance in wanted:
                     states.append((decided.instance, node.app.state()))
+            if effects.messages and node.journalled:
+                node.sync()
             for to, message in effects.messages:
                 self.send(node, to, message)
             if not states:

@@ -20,9 +20,11 @@ from fit_broker.replica.replicated_log import validate
 from fit_broker.keys import generate_keyrings, replica_identity
 from fit_broker.config import parse_config
 from fit_broker.init import cluster_toml
+from fit_broker.replica.journal import AgreementJournal
 from fit_broker.replica.protocol import ReplicaProtocol
 from fit_broker.replica.service import AGREEMENT_TICK, Replica, runs_orderer
 from fit_broker.schemes.registry import scheme_lookup
+from fit_broker.storage import FakeStorage
 from tests.byzantine import ByzantineReplicaProtocol
 
 
@@ -73,13 +75,17 @@ class SimNet:
     @ivar down: replicas that refuse connections (killed).
     """
 
-    def __init__(self, config, clock=None, faulty=None, keys=False, liars=None, orderer_options=None):
+    def __init__(self, config, clock=None, faulty=None, keys=False, liars=None, orderer_options=None,
+                 journals=False):
         """
         @param faulty: replica index -> a Byzantine behaviour (see
             L{tests.byzantine}) that rewrites what that replica sends.
         @param keys: generate key rings for every party (HA, PKS, PKE).
         @param liars: replica index -> a L{Replica} subclass whose broker
             logic lies (see L{tests.byzantine.AcksWithoutStoring}).
+        @param journals: give each replica an agreement journal on a
+            L{FakeStorage} that outlives its restarts (L{kill} may make it
+            lose what was not synced).
         """
         self.liars = dict(liars or {})
         self.orderer_options = dict(orderer_options or {})
@@ -101,6 +107,7 @@ class SimNet:
         self.peer_delay = 0.0
         self.restarted = set()
         self.held = []
+        self.journals = {i: FakeStorage() for i in range(len(config.replicas))} if journals else None
         self.cryptos = crypto_generate(len(config.replicas)) if runs_orderer(config) else None
         self.replicas = [self._replica(i) for i in range(len(config.replicas))]
         if self.cryptos is not None:
@@ -118,17 +125,27 @@ class SimNet:
                 channel.light_copies = None
         if self.cryptos is not None:
             factory = registry.find(IOrderingFactory, self.config.orderer)
+            journal = None
+            recovering = index in self.restarted
+            if self.journals is not None:
+                journal = AgreementJournal(self.journals[index], self.clock.seconds(), existed=recovering)
+                recovering = recovering and journal.fresh
             orderer = factory(
                 index, len(self.config.replicas), self.config.faults, self.cryptos[index],
                 **{
                     "validate": validate, "clock_skew": self.config.max_clock_skew,
-                    "recovering": index in self.restarted,
+                    "recovering": recovering,
                     "leader_timeout": self.config.leader_timeout,
                     "checkpoint_interval": self.config.checkpoint_interval,
+                    "journal": journal is not None,
                     **self.orderer_options,
                 },
             )
-            replica.attach_log(orderer, lambda to, kind, body: self._peer_send(index, to, kind, body))
+            replica.attach_log(
+                orderer, lambda to, kind, body: self._peer_send(index, to, kind, body), journal
+            )
+            if journal is not None and journal.records:
+                replica.replicated_log.resume(journal.records, self.clock.seconds())
         return replica
 
     def _peer_send(self, sender, to, kind, body):
@@ -206,10 +223,13 @@ class SimNet:
         now = self.clock.seconds()
         return any(call.getTime() <= now for call in self.clock.getDelayedCalls())
 
-    def kill(self, index):
+    def kill(self, index, power_loss=False):
         """
         Crash replica C{index}: its connections drop and it refuses new ones.
+        With C{power_loss}, its journal keeps only what was synced.
         """
+        if power_loss and self.journals is not None:
+            self.journals[index].crash()
         self.down.add(index)
         for i, pump in list(self.pumps):
             if i == index:

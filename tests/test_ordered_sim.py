@@ -289,3 +289,84 @@ def test_a_publisher_learns_the_log_position_f_plus_one_replicas_answered():
     _publish(net, publisher, [b"two"])
     net.run(seconds=1)
     assert publisher.publisher.positions["events"] > first >= 1
+
+
+@pytest.mark.parametrize("qop, replicas", [("bft", 4), ("cft", 3)])
+def test_a_whole_cluster_losing_power_keeps_positions_and_revocations(qop, replicas):
+    """Every replica losing power at once (journals keep only what was synced) and restarting from its journal reuses no log position, keeps the revocation it ordered, and goes on ordering: the revoked subscriber is refused, the other gets every event once in one order."""
+    from fit_broker.client.admin import Administrator
+    from fit_broker.errors import RequestFailed
+
+    config = cluster_config(
+        ("events",), replicas=replicas, qop=qop, keys_dir="keys", ordering="channel",
+        clients=("probe", "console", "console2", "ops"), admins=("ops",),
+    )
+    net = SimNet(config, keys=True, journals=True, orderer_options={"checkpoint_interval": 4})
+    admin = Administrator(net.client("ops").proxy, net.keyrings["ops"])
+    console, got = _subscribe(net, "console")
+    publisher = net.client("probe")
+    before = []
+    for i in range(12):
+        d = _publish(net, publisher, [b"before-%d" % i])
+        d.addCallback(before.extend)
+        net.run(seconds=0.2)
+    revoked = admin.change({"op": "revoke", "tag": "events", "client": "console2", "role": "subscribe"})
+    net.run(seconds=1)
+    assert revoked.called and not isinstance(revoked.result, Exception), revoked
+    positions = {r.broker.state.position for r in net.replicas}
+    version = net.replicas[0].broker.table.version
+    assert len(positions) == 1 and version >= 1
+    for index in range(replicas):
+        net.kill(index, power_loss=True)
+    for index in range(replicas):
+        net.restart(index)
+    net.run(seconds=1)
+    assert {r.broker.state.position for r in net.replicas} == positions
+    assert {r.broker.table.version for r in net.replicas} == {version}
+    assert all(r.replicated_log.orderer.status()["recovering"] is False for r in net.replicas)
+    after = []
+    for i in range(6):
+        d = _publish(net, publisher, [b"after-%d" % i])
+        d.addCallback(after.extend)
+        net.run(seconds=0.5)
+    net.run(seconds=15)
+    assert len(before) == 12 and len(after) == 6
+    assert min(r.broker.state.position for r in net.replicas) > max(positions)
+    delivered = _seen(got)
+    assert len(delivered) == len(set(delivered))
+    assert {i for _, i in delivered} >= set(after)
+    seqs = [e.seq for e in got]
+    assert seqs == sorted(seqs)
+    assert len({r.broker.state_snapshot() for r in net.replicas}) == 1
+    outsider = net.client("console2")
+    refused = outsider.subscriber.subscribe("events", lambda events: None)
+    net.run(seconds=2)
+    assert refused.called
+    result = refused.result
+    if hasattr(result, "value"):
+        assert isinstance(result.value, RequestFailed)
+        refused.addErrback(lambda failure: None)
+    else:
+        assert not result.ok
+
+
+def test_a_replica_restarted_from_its_journal_votes_at_once():
+    """One replica restarted with its journal intact does not wait to catch up before voting, as one that lost its memory must: it knows every vote it cast."""
+    net = SimNet(
+        cluster_config(("events",), replicas=4, qop="bft", keys_dir="keys", ordering="channel",
+                       clients=("probe", "console")),
+        journals=True,
+    )
+    publisher = net.client("probe")
+    for i in range(3):
+        _publish(net, publisher, [b"e%d" % i])
+        net.run(seconds=0.2)
+    net.kill(2)
+    net.restart(2)
+    status = net.replicas[2].replicated_log.orderer.status()
+    assert status["recovering"] is False
+    assert status["decided"] >= 1
+    later = [_publish(net, publisher, [b"later%d" % i]) for i in range(3)]
+    net.run(seconds=5)
+    assert all(d.called for d in later)
+    assert len({r.broker.state.position for r in net.replicas}) == 1

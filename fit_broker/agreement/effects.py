@@ -31,12 +31,19 @@ class Effects:
         C{instance}) before it applies C{decided}.
     @ivar checkpoints: instances after whose application the application
         calls C{Orderer.checkpoint(instance, state_bytes, now)}.
+    @ivar journal: C{(base, record)} pairs (bytes records, in order) to
+        append to the replica's journal, durable before any of C{messages}
+        leaves: a vote sent and then forgotten in a crash could be cast
+        again differently.  A C{base} record holds everything still needed
+        (a stable checkpoint and what follows it), so what precedes it may
+        be dropped once it is durable.
     """
 
     messages: tuple = ()
     decided: tuple = ()
     restore: tuple | None = None
     checkpoints: tuple = ()
+    journal: tuple = ()
 
     def merge(self, other):
         """
@@ -51,10 +58,16 @@ class Effects:
             decided = self.decided + other.decided
             restore = self.restore
             checkpoints = self.checkpoints + other.checkpoints
-        return Effects(self.messages + other.messages, decided, restore, checkpoints)
+        return Effects(
+            self.messages + other.messages, decided, restore, checkpoints,
+            self.journal + other.journal,
+        )
 
     def __bool__(self):
-        return bool(self.messages or self.decided or self.restore is not None or self.checkpoints)
+        return bool(
+            self.messages or self.decided or self.restore is not None or self.checkpoints
+            or self.journal
+        )
 
 
 NOTHING = Effects()

@@ -81,14 +81,23 @@ Deviations from the paper, all decided for this implementation:
 import hashlib
 from collections import OrderedDict, deque
 
+import msgpack
 from zope.interface import implementer
 
 from fit_broker.agreement import messages as M
 from fit_broker.agreement.effects import NOTHING, Decided, Effects
 from fit_broker.agreement.values import MAX_VALUE_BYTES, check_value, decode_value, encode_value
-from fit_broker.interfaces import IOrderingProtocol
+from fit_broker.interfaces import IJournalledOrdering
 
 _sha256 = hashlib.sha256
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+# Journal record kinds (see Orderer.resume).
+J_STABLE = "stable"  # instance, chain, state, certificate, history
+J_DECIDED = "decided"  # instance, regency, timestamp, data, certificate
+J_REGENCY = "regency"  # regency entered
+J_VOTED = "voted"  # instance, regency this replica voted in
+J_WRITTEN = "wc"  # instance, regency, digest, timestamp, data, write certificate
 
 STATE_REPLY_BYTES = 4 << 20
 """Decided entries in one state-transfer reply stop past this many bytes."""
@@ -147,7 +156,7 @@ class _Slot:
         return sum(map(len, self.writes.values())) + sum(map(len, self.accepts.values())) >= voters
 
 
-@implementer(IOrderingProtocol)
+@implementer(IJournalledOrdering)
 class Orderer:
     """
     One replica's side of the agreement (see the module docstring).
@@ -183,7 +192,7 @@ class Orderer:
         checkpoint_interval=64, leader_timeout=2.0, max_batch_values=2048,
         max_batch_bytes=1 << 20, clock_skew=300.0, pool_limit_values=100_000,
         pool_limit_bytes=64 << 20, pool_ttl=600.0, max_state_bytes=64 << 20,
-        status_interval=None, recovering=False,
+        status_interval=None, recovering=False, journal=False,
     ):
         n, f = replicas, faults
         if type(n) is not int or type(f) is not int or f < 0 or not 0 <= index < n:
@@ -282,6 +291,11 @@ class Orderer:
         self._buffer_size = {}
         self._status_at = None
         self._resend_at = None
+
+        # what must survive a restart (see L{resume}); None: not journalled
+        self._journal = [] if journal else None
+        self._replaying = False
+        self._voted = None  # (instance, regency) of this replica's last vote
 
         # effects of the call in progress
         self._messages = []
@@ -405,6 +419,74 @@ class Orderer:
         self._settle(now)
         return self._flush()
 
+    def resume(self, records, now):
+        """
+        Rebuild what this replica knew before a restart from the records
+        its journal kept (L{Effects.journal}, in order): its last stable
+        checkpoint and the instances decided after it (handed back as
+        L{Effects} to apply, like a state transfer), its regency, and its
+        vote and write certificate for the next instance.  It casts no
+        second vote in an instance and regency it voted in before, and
+        reports its write certificate in the STOPDATA of a leader change,
+        so a restart, even of every replica at once, decides nothing
+        differently.  Call it once, before anything else.
+
+        @raise ValueError: a record is not one this engine wrote.
+        """
+        self._now = now
+        stable, decided, regency, voted, written = None, {}, 0, set(), {}
+        for payload in records:
+            try:
+                record = msgpack.unpackb(payload, raw=False, use_list=False, strict_map_key=False)
+                kind = record[0]
+                if kind == J_STABLE:
+                    stable = record
+                    decided = {i: d for i, d in decided.items() if i > record[1]}
+                elif kind == J_DECIDED:
+                    decided[record[1]] = record
+                elif kind == J_REGENCY:
+                    regency = max(regency, record[1])
+                elif kind == J_VOTED:
+                    voted.add((record[1], record[2]))
+                elif kind == J_WRITTEN:
+                    written[record[1]] = record[2:]
+                else:
+                    raise ValueError(f"unknown journal record {str(kind)[:40]!r}")
+            except ValueError:
+                raise
+            except Exception as e:
+                raise ValueError(f"not an agreement journal record: {type(e).__name__}") from None
+        self._replaying = True
+        try:
+            if stable is not None:
+                _, instance, chain, state, certificate, history = stable
+                self._restore_checkpoint(instance, chain, state, certificate, history)
+            while self._last + 1 in decided:
+                _, i, r, timestamp, data, certificate = decided[self._last + 1]
+                if not self._decide(i, r, timestamp, data, certificate, M.proposal_digest(timestamp, data)):
+                    break
+            if regency > self._regency:
+                self._enter(regency, synced=False)
+            wc = written.get(self._last + 1)
+            if wc is not None and wc[0] <= self._regency:
+                self._wc = tuple(wc)
+                self._bodies[wc[1]] = (wc[2], wc[3])
+            slot = self._slot
+            if (slot.instance, slot.regency) in voted:
+                # voted here before the restart, for what is not known: abstain
+                slot.proposed = slot.wrote = slot.accepted = True
+                self._voted = (slot.instance, slot.regency)
+                self._count("abstained_after_restart")
+        finally:
+            self._replaying = False
+        self._count("resumed")
+        if not self._synced:
+            self._waiting_since = now
+            self._send_stopdata(self._regency, now)
+        self._changed = True
+        self._settle(now)
+        return self._flush()
+
     def status(self):
         """
         Return a dict describing this replica's agreement state and counters.
@@ -435,9 +517,19 @@ class Orderer:
         self._messages.append((to, message))
 
     def _flush(self):
-        if not (self._messages or self._decided or self._restore is not None or self._checkpoints):
+        if not (
+            self._messages or self._decided or self._restore is not None or self._checkpoints
+            or self._journal
+        ):
             return NOTHING
-        effects = Effects(tuple(self._messages), tuple(self._decided), self._restore, tuple(self._checkpoints))
+        journal = ()
+        if self._journal:
+            journal = tuple(self._journal)
+            self._journal = []
+        effects = Effects(
+            tuple(self._messages), tuple(self._decided), self._restore, tuple(self._checkpoints),
+            journal,
+        )
         self._messages = []
         self._decided = []
         self._restore = None
@@ -446,6 +538,18 @@ class Orderer:
 
     def _sign(self, payload):
         return self._crypto.sign(payload) if self.byzantine else b""
+
+    def _note(self, *record, base=False):
+        """
+        Journal C{record} (see L{Effects.journal}), unless not journalled or
+        replaying the journal.
+        """
+        if self._journal is not None and not self._replaying:
+            self._journal.append((base, _pack(record)))
+
+    def _note_vote(self, slot):
+        self._voted = (slot.instance, slot.regency)
+        self._note(J_VOTED, slot.instance, slot.regency)
 
     def _leader(self, regency):
         return regency % self.replicas
@@ -776,6 +880,7 @@ class Orderer:
         if self._recovering:
             self._count("passive_votes")
             return
+        self._note_vote(slot)
         if self.byzantine:
             signature = self._crypto.sign(M.vote_payload("write", slot.instance, slot.regency, digest))
             slot.write_msg = M.encode_write(slot.instance, slot.regency, digest, signature)
@@ -869,6 +974,8 @@ class Orderer:
         if not self.byzantine:
             body = self._bodies[digest]
             self._wc = (slot.regency, digest, body[0], body[1], ())
+            self._note_vote(slot)
+        self._note(J_WRITTEN, slot.instance, *self._wc)
         signature = self._sign(M.vote_payload("accept", slot.instance, slot.regency, digest))
         slot.accept_msg = M.encode_accept(slot.instance, slot.regency, digest, signature)
         self._send(None, slot.accept_msg)
@@ -968,6 +1075,7 @@ class Orderer:
             self._last_ts = timestamp
         self._chain = M.chain_next(self._chain, digest)
         self._log[instance] = (regency, timestamp, data, certificate, digest)
+        self._note(J_DECIDED, instance, regency, timestamp, data, certificate)
         self._remember(instance, timestamp, keys)
         self._decided.append(Decided(instance, timestamp, values))
         if instance % self._interval == 0:
@@ -1136,6 +1244,8 @@ class Orderer:
         Move to C{regency}, forgetting everything of older ones.
         """
         self._regency = regency
+        # durable before a STOPDATA promises to leave older regencies
+        self._note(J_REGENCY, regency)
         self._synced = synced or regency == 0
         self._sync_msg = None
         self._stopdata_msg = None
@@ -1161,6 +1271,9 @@ class Orderer:
         self._count("regencies_installed")
         self._enter(regency, synced=False)
         self._waiting_since = now
+        self._send_stopdata(regency, now)
+
+    def _send_stopdata(self, regency, now):
         if self._recovering:
             return
         entry = None
@@ -1368,6 +1481,18 @@ class Orderer:
         self._stable = (instance, chain, state, certificate)
         for i in [i for i in self._log if i < instance]:
             del self._log[i]
+        if self._journal is not None and not self._replaying:
+            # a new base: the checkpoint and everything after it still needed
+            self._note(J_STABLE, instance, chain, state, certificate, self._history_until(instance), base=True)
+            for i in sorted(self._log):
+                if i > instance:
+                    e = self._log[i]
+                    self._note(J_DECIDED, i, e[0], e[1], e[2], e[3])
+            self._note(J_REGENCY, self._regency)
+            if self._wc is not None:
+                self._note(J_WRITTEN, self._last + 1, *self._wc)
+            if self._voted is not None and self._voted[0] > self._last:
+                self._note(J_VOTED, *self._voted)
         for i in [i for i in self._own_checkpoints if i <= instance]:
             del self._own_checkpoints[i]
         for votes in self._checkpoint_votes.values():

@@ -38,16 +38,28 @@ class ReplicatedLog:
 
     @ivar answer: called with C{(token, reply)} for each request the log
         answered (the replica sends the reply on the token's connection).
+    @ivar journal: where the protocol's journal records go (an
+        L{fit_broker.replica.journal.AgreementJournal}), or C{None} when
+        nothing survives a restart.
     """
 
     log = Logger()
 
-    def __init__(self, orderer, machine, send, answer):
+    def __init__(self, orderer, machine, send, answer, journal=None):
         self.orderer = orderer
         self.machine = machine
         self.send = send
         self.answer = answer
+        self.journal = journal
         self.counters = {}
+
+    def resume(self, records, now):
+        """
+        Hand the protocol what its journal kept before a restart, and apply
+        what it rebuilds (the state and decided instances, replayed).
+        """
+        self._carry(self.orderer.resume(records, now), now)
+        self._answer()
 
     def count(self, reason, n=1):
         self.counters[reason] = self.counters.get(reason, 0) + n
@@ -68,6 +80,8 @@ class ReplicatedLog:
         asking peers again for decided batches this replica lacks.
         """
         self._carry(self.orderer.tick(now), now)
+        if self.journal is not None:
+            self.journal.sync(now)
         self.machine.expire_waiting(now)
         missing = self.machine.missing_to_fetch(now)
         if missing:
@@ -113,6 +127,8 @@ class ReplicatedLog:
         checkpointed instance, then send the messages.
         """
         machine = self.machine
+        if effects.journal and self.journal is not None:
+            self.journal.append(effects.journal, now)
         if effects.restore is not None:
             instance, state = effects.restore
             try:
@@ -130,6 +146,13 @@ class ReplicatedLog:
             # a checkpoint of an instance applied before these effects
             if instance == machine.state.instance:
                 self._carry(self.orderer.checkpoint(instance, machine.state_snapshot(), now), now)
+        if not effects.messages:
+            return
+        if self.journal is not None and not self.journal.sync(now):
+            # what these messages promise could not be made durable: say
+            # nothing rather than something a restart could contradict
+            self.count("journal-failed-unsent", len(effects.messages))
+            return
         for to, message in effects.messages:
             self.send(to, AGREEMENT, message)
 

@@ -6,7 +6,7 @@ import os
 import resource
 
 from twisted.application.internet import TimerService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -22,10 +22,12 @@ from fit_broker.replica.protocol import ReplicaFactory
 from fit_broker import registry
 from fit_broker.agreement.crypto import ReplicaCrypto
 from fit_broker.errors import ConfigError
-from fit_broker.interfaces import IOrderingFactory
+from fit_broker.interfaces import IJournalledOrdering, IOrderingFactory
 from fit_broker.replica.replicated_log import PEER_KINDS, ReplicatedLog, validate
+from fit_broker.replica.journal import AgreementJournal
 from fit_broker.replica.peers import PeerLinks
 from fit_broker.replica.storage_driver import DataFolder, StorageDriver
+from fit_broker.storage import StorageError
 from fit_broker.credentials import replica_peer_tls
 from fit_broker.wire.framing import DEFAULT_MAX_FRAME
 
@@ -141,12 +143,13 @@ class Replica:
         """
         return {"replica": self.index, "cluster": self.config.name, "now": self.clock.seconds()}
 
-    def attach_log(self, orderer, send):
+    def attach_log(self, orderer, send, journal=None):
         """
         Run the cluster's ordering protocol here: C{send(to, kind, body)}
-        reaches peers (C{to} C{None}: all of them).
+        reaches peers (C{to} C{None}: all of them); C{journal} keeps what
+        it must not forget (L{fit_broker.replica.journal.AgreementJournal}).
         """
-        self.replicated_log = ReplicatedLog(orderer, self.broker, send, self._answer)
+        self.replicated_log = ReplicatedLog(orderer, self.broker, send, self._answer, journal)
         self._waiting = {}
         self.broker.table_problem = (
             None if self.keys is not None
@@ -437,8 +440,18 @@ def make_replica_service(
     top.replica = replica
     top.peers = replica.peers = None
     orderer = None
+    journal = None
     if runs_orderer(config, keys):
-        orderer = make_orderer(config, index, keys, recovering=started_before(config, index))
+        journal = open_journal(config, index, reactor.seconds())
+        ran_before = started_before(config, index)
+        orderer = make_orderer(
+            config, index, keys, recovering=ran_before and journal.fresh, journal=True
+        )
+        if not IJournalledOrdering.providedBy(orderer):
+            journal.close(reactor.seconds())
+            journal = None
+        else:
+            JournalCloser(journal, reactor).setServiceParent(top)
     if orderer is None:
         replica.broker.table_problem = config.orderer_problem or (
             "the replicas run no ordering protocol: name administrators in [cluster] admins "
@@ -462,11 +475,46 @@ def make_replica_service(
             else:
                 peers.send(to, kind, body)
 
-        replica.attach_log(orderer, send)
+        replica.attach_log(orderer, send, journal)
+        if journal is not None and journal.records:
+            records, journal.records = journal.records, ()
+            try:
+                replica.replicated_log.resume(records, reactor.seconds())
+            except ValueError as e:
+                raise ConfigError(
+                    f"{journal.storage}: the agreement journal holds what this version cannot "
+                    f"read ({e}); move it away to have the replica recover from its peers"
+                ) from None
         ticks = TimerService(AGREEMENT_TICK, replica.tick)
         ticks.clock = reactor
         ticks.setServiceParent(top)
     return top
+
+
+def open_journal(config, index, now):
+    """
+    Open replica C{index}'s agreement journal in its data folder.
+
+    @raise ConfigError: in one line, when the folder cannot be used.
+    """
+    try:
+        return AgreementJournal.in_folder(config.data_folder(index), now)
+    except StorageError as e:
+        raise ConfigError(f"{config.path}: replica {index}: agreement journal: {e}") from None
+
+
+class JournalCloser(Service):
+    """
+    Syncs and closes the agreement journal when the replica stops.
+    """
+
+    def __init__(self, journal, reactor):
+        self.journal = journal
+        self.reactor = reactor
+
+    def stopService(self):
+        super().stopService()
+        self.journal.close(self.reactor.seconds())
 
 
 def runs_orderer(config, keys=None):
@@ -510,7 +558,7 @@ def started_before(config, index):
     return existed
 
 
-def make_orderer(config, index, keys, recovering=False):
+def make_orderer(config, index, keys, recovering=False, journal=False):
     """
     Return replica C{index}'s ordering protocol, signing with its key when
     the protocol is Byzantine.
@@ -532,4 +580,5 @@ def make_orderer(config, index, keys, recovering=False):
         index, len(config.replicas), config.faults, crypto,
         validate=validate, clock_skew=config.max_clock_skew, recovering=recovering,
         leader_timeout=config.leader_timeout, checkpoint_interval=config.checkpoint_interval,
+        journal=journal,
     )
