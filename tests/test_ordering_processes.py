@@ -770,3 +770,48 @@ def test_every_replica_answers_an_applied_change_ok(run):
         if "refused admin" in line
     ]
     assert not refusals, "\n".join(refusals)
+
+
+def test_every_replica_killed_at_once_keeps_positions_and_the_table(run):
+    """Every replica SIGKILLed at once and restarted resumes from its agreement journal: the log goes on past its last position (none reused), the table keeps its revocation, the revoked publisher stays refused, and the subscriber gets every acknowledged event once in one order."""
+    run.cluster()
+    run.tail(SUBSCRIBERS[0])
+    run.publisher("before", 300, 150)
+    revoke = run.cli("admin", "revoke", "ch0", "rogue", "--publish", "--config", run.config, "--as", ADMIN)
+    assert revoke.returncode == 0, revoke.stderr.decode()
+    version = int(re.search(r"control table version (\d+)", revoke.stdout.decode()).group(1))
+    summaries, acked = run.acked(["before"])
+    run.wait_printed(SUBSCRIBERS[:1], len(acked))
+    settled = run.wait_agreement(
+        lambda a: len(a) == 4 and len({x["position"] for x in a.values()}) == 1, "one position everywhere"
+    )
+    position = settled[0]["position"]
+    for index in range(4):
+        run.replicas.signal(index, signal.SIGKILL)
+    for process in run.replicas.processes.values():
+        process.wait(10)
+    run.replicas.start_all()
+    restored = run.wait_agreement(lambda a: len(a) == 4, "every replica back")
+    assert {a["position"] for a in restored.values()} == {position}, brief(restored)
+    assert {a["table"]["version"] for a in restored.values()} == {version}, brief(restored)
+    assert not any(a["recovering"] for a in restored.values()), brief(restored)
+    published = run.cli("publish", "--config", run.config, "--as", "probe", "ch1", "after the restart")
+    assert published.returncode == 0, published.stderr.decode()
+    after = int(re.search(r"position (\d+)", published.stdout.decode() + published.stderr.decode()).group(1))
+    assert after > position, (after, position)
+    refused = run.cli("publish", "--config", run.config, "--as", "rogue", "ch0", "still revoked")
+    assert refused.returncode != 0, refused.stderr.decode()
+    run.publisher("after", 200, 150)
+    more_summaries, more = run.acked(["after"])
+    acked += more
+    run.wait_printed(SUBSCRIBERS[:1], len(acked) + 1)
+    records = run.records(SUBSCRIBERS[0])
+    single = [r for r in records if r["content"] == "after the restart"]
+    assert len(single) == 1 and single[0]["position"] == after, single
+    check_ordered(acked + [record_key(single[0])], {SUBSCRIBERS[0]: records})
+    run.no_tracebacks("before", "after", SUBSCRIBERS[0])
+    report(
+        "every replica killed at once",
+        {"position_before": position, "first_position_after": after, "table_version": version,
+         "acked": len(acked)},
+    )
