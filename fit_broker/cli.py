@@ -89,12 +89,14 @@ def _parser():
         "--no-state", action="store_true", help="record nothing: a restart may print events again"
     )
     tail.add_argument(
-        "--from", dest="from_position", type=int, default=None, metavar="POSITION",
-        help="ordered channels only: start at log POSITION (events before it are acknowledged "
-        "and not printed) instead of where the delivery state left off",
+        "--from", dest="from_position", action=_FromAction, default=None, metavar="POSITION|TIME",
+        help="ordered channels: start at log POSITION (events before it are acknowledged "
+        "and not printed) instead of where the delivery state left off; disk channels: print "
+        "again every event the replicas still hold published at or after TIME, an ISO-8601 "
+        "date-time with Z or an offset (2026-12-02T06:00:00Z) or an age (-30s, -10m, -2h, -1d)",
     )
     tail.add_argument("channels", nargs="+", metavar="CHANNEL")
-    tail.set_defaults(run=_tail)
+    tail.set_defaults(run=_tail, from_time=None)
 
     status = commands.add_parser(
         "status",
@@ -511,11 +513,95 @@ class PartlyPrinted:
             pass
 
 
+#: Seconds in each unit of a relative --from TIME.
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+FROM_EXPECTED = (
+    "expected a log position (a whole number), an ISO-8601 date-time with Z or an offset "
+    "(e.g. 2026-12-02T06:00:00Z) or an age (e.g. -10m, -2h, -30s)"
+)
+
+
+def parse_from(text, now):
+    """
+    Return C{("position", int)} or C{("time", seconds since the epoch)} for
+    a C{--from} value: a whole number, an ISO-8601 date-time that says its
+    offset, or an age before C{now} such as C{-10m}.
+
+    @raise ValueError: with a one-line reason naming what was expected.
+    """
+    import re
+    from datetime import datetime
+
+    text = text.strip()
+    if re.fullmatch(r"[0-9]+", text):
+        return "position", int(text)
+    age = re.fullmatch(r"-([0-9]+(?:\.[0-9]+)?)([smhd])", text)
+    if age:
+        return "time", now - float(age.group(1)) * AGE_UNITS[age.group(2)]
+    if re.fullmatch(r"-[0-9]+(?:\.[0-9]+)?", text):
+        raise ValueError(f"--from: an age needs a unit (s, m, h or d), as in {text}m; found {text!r}")
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--from: {FROM_EXPECTED}, found {text!r:.60}") from None
+    if "T" not in text.upper() and " " not in text:
+        raise ValueError(f"--from: expected a date-time, not only a date (e.g. {text}T00:00:00Z), found {text!r}")
+    if when.tzinfo is None:
+        raise ValueError(
+            f"--from: the date-time needs Z or an offset (e.g. {text}Z or {text}+02:00), found {text!r}"
+        )
+    return "time", when.timestamp()
+
+
+class _FromAction(argparse.Action):
+    """
+    C{--from POSITION|TIME}: a position goes to C{from_position}, a time to
+    C{from_time}; anything else exits with one line saying what was expected.
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import time
+
+        try:
+            kind, value = parse_from(values, time.time())
+        except ValueError as e:
+            parser.exit(2, f"fitbroker: {e}\n")
+        if kind == "position":
+            namespace.from_position, namespace.from_time = value, None
+        else:
+            namespace.from_position, namespace.from_time = None, value
+
+
+def _join_from(argv):
+    """
+    Keep C{--from -10m} one option: argparse takes a value that starts
+    with a dash and is not a number for another option.
+    """
+    joined = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--from":
+            value = next(it, None)
+            if value is not None and value[:1] == "-":
+                joined.append(f"--from={value}")
+                continue
+            joined.append(arg)
+            if value is not None:
+                joined.append(value)
+            continue
+        joined.append(arg)
+    return joined
+
+
 def _check_from(config, args):
     """
     Refuse C{--from} in one line unless it is a position and every channel
-    named is ordered.
+    named is ordered, or a time and every channel named is kept on disk.
     """
+    if getattr(args, "from_time", None) is not None:
+        _check_from_time(config, args)
+        return
     if args.from_position is None:
         return
     from fit_broker.sequencer import ORDERED_SCOPES
@@ -532,6 +618,20 @@ def _check_from(config, args):
         raise CommandError(
             f"--from: not an ordered channel: {', '.join(unordered)}; log positions exist only on "
             'channels whose QoS class has ordering "channel" or "global"'
+        )
+
+
+def _check_from_time(config, args):
+    if args.skip_backlog:
+        raise CommandError("--from and --skip-backlog contradict each other; use one")
+    elsewhere = [
+        tag for tag in args.channels
+        if config.channel(tag) is not None and config.channel(tag).qos.persistence != "disk"
+    ]
+    if elsewhere:
+        raise CommandError(
+            f"--from TIME: not a disk channel: {', '.join(elsewhere)}; a replay from a time needs "
+            'channels whose class has persistence = "disk" (ordered channels take --from POSITION)'
         )
 
 
@@ -592,7 +692,7 @@ async def _tail(reactor, args):
             try:
                 reply = await session.subscriber.subscribe(
                     tag, printer(tag), resume=not args.skip_backlog, takeover=args.takeover,
-                    batches=True, from_position=args.from_position,
+                    batches=True, from_position=args.from_position, from_time=args.from_time,
                 )
             except RequestFailed as e:
                 if e.status == "busy":
@@ -604,6 +704,11 @@ async def _tail(reactor, args):
                     file=sys.stderr,
                 )
         where = f"; delivery state in {state_dir}" if state_dir else "; no delivery state kept"
+        if args.from_time is not None:
+            from datetime import datetime, timezone
+
+            since = datetime.fromtimestamp(args.from_time, timezone.utc).isoformat(timespec="seconds")
+            where += f"; replaying from {since.replace('+00:00', 'Z')}"
         print(f"subscribed to {', '.join(args.channels)} as {client}{where}", file=sys.stderr)
         await finished
     finally:
@@ -970,7 +1075,7 @@ async def _sink(reactor, args):
 
 
 def main(argv=None):
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_join_from(sys.argv[1:] if argv is None else argv))
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
 

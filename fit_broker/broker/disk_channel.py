@@ -34,7 +34,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from fit_broker.broker.channel import DEDUP_WINDOW, Channel, _identity
-from fit_broker.broker.queue import OutputQueue
+from fit_broker.broker.queue import ACKED_AHEAD_WINDOW, OutputQueue
+from fit_broker.broker.stream import Stream
+from fit_broker.dedup import RecentIds
 from fit_broker.errors import Status
 from fit_broker.interfaces import IStorage
 from fit_broker.storage import FakeStorage, SegmentLog, StorageError
@@ -181,6 +183,57 @@ class SyncJob:
             storage.sync(name)
 
 
+class Replay:
+    """
+    A subscriber's replay from a time: the batch log's records up to where
+    the log ended when it was asked for, read in order as the subscriber's
+    queue and credit make room, of which those stamped at or after
+    C{since} (the publishers' timestamps, the same at every replica) are
+    queued again.
+
+    @ivar records: the log's iterator of C{(index, timestamp, payload)}.
+    @ivar next_index: the log index expected next (a jump is what retention
+        dropped meanwhile).
+    @ivar held: an entry read that did not fit yet, or C{None}.
+    """
+
+    __slots__ = ("since", "end", "records", "next_index", "held", "queued")
+
+    def __init__(self, since, first, end, records):
+        self.since = since
+        self.end = end
+        self.records = records
+        self.next_index = first
+        self.held = None
+        self.queued = 0
+
+
+class DiskStream(Stream):
+    """
+    A stream of a disk channel: before each delivery frame, a replay under
+    way tops the queue up to the credit the subscriber gave, so that a
+    replay never holds more than that beyond the queue's own bounds.
+    """
+
+    __slots__ = ("channel", "client")
+
+    def __init__(self, channel, client, queue, events, nbytes):
+        super().__init__(channel.tag, queue, events, nbytes)
+        self.channel = channel
+        self.client = client
+
+    @property
+    def ready(self):
+        return self.events > 0 and self.bytes > 0 and (
+            self.queue.size > 0 or self.client in self.channel.replays
+        )
+
+    def take(self, now):
+        if self.events > 0 and self.bytes > 0 and self.client in self.channel.replays:
+            self.channel.feed(self.client, now, self.events, self.bytes)
+        return super().take(now)
+
+
 class DiskChannel(Channel):
     """
     An unordered channel whose accepted batches and subscribers'
@@ -239,9 +292,11 @@ class DiskChannel(Channel):
         self._compacted_from = self._compacted_end = None
         self._last_reclaim = None
         self._now = 0.0  # the latest time a caller gave
+        self.replays = {}  # subscriber -> its Replay under way
         for name in ("recovered", "recovery-cut", "recovery-lost", "recovery-undecodable",
                      "log-overflow", "log-expired-batches", "refused:log-full", "refused:disk-full",
-                     "refused:storage-failed", "ack-log-failed"):
+                     "refused:storage-failed", "ack-log-failed", "replays", "replayed",
+                     "replay-expired", "replay-gone", "replay-failed"):
             self.counters.setdefault(name, 0)
         self._recover()
         self.durable = (self.log.next_index, self.acks.next_index)
@@ -565,6 +620,8 @@ class DiskChannel(Channel):
         return None
 
     def subscribe(self, client, resume):
+        if not resume:
+            self.replays.pop(client, None)
         had = client in self.queues
         queue, skipped = super().subscribe(client, resume)
         start = self.log.next_index
@@ -581,6 +638,7 @@ class DiskChannel(Channel):
 
     def unsubscribe(self, client):
         queue = super().unsubscribe(client)
+        self.replays.pop(client, None)
         if queue is not None:
             self._starts.pop(client, None)
             self._record(["u", client], durable=True)
@@ -601,10 +659,129 @@ class DiskChannel(Channel):
         return acked
 
     def take(self, client, count, now):
+        if client in self.replays:
+            self.feed(client, now, count, None)
         batches = super().take(client, count, now)
         if batches:
             self._record(["a", client, [[b[0], b[1]] for b in batches]])
         return batches
+
+    def open_stream(self, client, events, nbytes):
+        queue = self.queue_of(client)
+        queue.requeue_unacked()
+        return DiskStream(self, client, queue, events, nbytes)
+
+    # -- replay from a time
+
+    def replay(self, client, since, now):
+        """
+        Queue again for C{client} every batch of the log stamped at or after
+        C{since} (even those it acknowledged), in log order, as its queue
+        and credit make room (L{feed}); return what the reply says of it.
+
+        Every correct replica replays the same batches: the filter is each
+        batch's own timestamp, not when this replica received it.  Batches
+        appended from now on reach the queue as usual; a replica restarted
+        before its replay ended does not resume it.
+        """
+        queue = self.queue_of(client)
+        self._now = now
+        first, end = self.log.first_index, self.log.next_index
+        # acknowledgements that came before their batch stop it from being
+        # queued; the subscriber now asks for such batches again
+        queue._acked_ahead = RecentIds(ACKED_AHEAD_WINDOW, floors=False)
+        self.replays[client] = Replay(since, first, end, self.log.read_from(first, end))
+        self.count("replays")
+        self.logger.info(
+            "disk channel {tag!r}: replaying to {client!r} from {since} (log records {first}..{end})",
+            tag=self.tag, client=client, since=since, first=first, end=end,
+        )
+        return {"from": since, "records": end - first}
+
+    def feed(self, client, now, events=None, nbytes=None):
+        """
+        Read C{client}'s replay on until its queue holds C{events} events
+        or C{nbytes} bytes (its credit; at most the queue's bounds), or the
+        replay ends; return the events queued.  A record that does not fit
+        waits for the next call; one always goes into an empty queue.
+        """
+        replay = self.replays.get(client)
+        queue = self.queues.get(client)
+        if replay is None or queue is None:
+            self.replays.pop(client, None)
+            return 0
+        while True:
+            queued, done = self._feed_step(client, replay, queue, now, events, nbytes)
+            if done:
+                self.replays.pop(client, None)
+                self.logger.info(
+                    "disk channel {tag!r}: replay to {client!r} done: {events} events queued again",
+                    tag=self.tag, client=client, events=replay.queued,
+                )
+                return queued
+            if queued or queue.size:
+                return queued
+            # what was read was dropped on the way in (acknowledged meanwhile):
+            # read on, or the stream would wait for credit that never comes
+
+    def _feed_step(self, client, replay, queue, now, events, nbytes):
+        """
+        One pass of L{feed}: return C{(events queued, whether the replay
+        ended)}.
+        """
+        qos = self.spec.qos
+        max_events = qos.capacity if events is None else min(events, qos.capacity)
+        max_bytes = queue.max_bytes if nbytes is None else min(nbytes, queue.max_bytes)
+        added = []
+        waiting, waiting_bytes = queue.size, queue.bytes
+        done = False
+        while True:
+            entry, replay.held = replay.held, None
+            if entry is None:
+                try:
+                    item = next(replay.records, None)
+                except StorageError as e:
+                    self.count("replay-failed")
+                    self.logger.warn(
+                        "disk channel {tag!r}: replay to {client!r} stopped: {error}",
+                        tag=self.tag, client=client, error=str(e),
+                    )
+                    done = True
+                    break
+                if item is None:
+                    if replay.end > replay.next_index:
+                        self.count("replay-gone", replay.end - replay.next_index)
+                        replay.next_index = replay.end
+                    done = True
+                    break
+                index, timestamp, payload = item
+                if index > replay.next_index:
+                    self.count("replay-gone", index - replay.next_index)
+                replay.next_index = index + 1
+                if timestamp < replay.since:
+                    continue
+                batch = decode_batch(payload)
+                count = payload_count(batch[5]) if batch is not None else 0
+                if not count or not 0 <= batch[4] < qos.urgency_levels:
+                    continue
+                if not batch[2] + batch[3] > now:
+                    self.count("replay-expired", count)
+                    continue
+                if queue.lookup((batch[0], batch[1])) is not None:
+                    continue  # it waits or was sent: it comes anyway
+                entry = (count, self._outgoing(batch), batch, batch_bytes(batch))
+            if waiting and (waiting + entry[0] > max_events or waiting_bytes + entry[3] > max_bytes):
+                replay.held = entry
+                break
+            added.append(entry)
+            waiting += entry[0]
+            waiting_bytes += entry[3]
+        before = queue.counters["enqueued"]
+        queue.extend(added)
+        queued = queue.counters["enqueued"] - before
+        replay.queued += queued
+        self.count("replayed", queued)
+        return queued, done
 
     # -- retention
 
@@ -733,5 +910,8 @@ class DiskChannel(Channel):
             "limit_bytes": self.log_limit,
             "held": len(self.held),
             "failed": None if self.failed is None else str(self.failed),
+            "replaying": sorted(
+                name for name in self.replays if subscriber is None or name == subscriber
+            ),
         }
         return view

@@ -4,6 +4,7 @@ The broker state machine (L3): requests in, replies out, for every channel of a 
 Not a Twisted service: L{fit_broker.replica.service} makes the replica's service around it.
 """
 
+import math
 from collections import OrderedDict
 
 from fit_broker import units
@@ -172,6 +173,8 @@ class BrokerStateMachine:
                 channel=request.channel,
             )
         try:
+            if method == units.SUBSCRIBE and REPLAY_FROM in request.options:
+                _check_replay(channel, request.options[REPLAY_FROM])
             if channel.ordered and request.method in _THROUGH_LOG:
                 return self._through_log(channel, client, request, now, token)
             reply = self._dispatch(channel, client, request, now)
@@ -208,6 +211,10 @@ class BrokerStateMachine:
             info = {"qos": channel.spec.qos.name}
             if not resume:
                 info["skipped"] = skipped
+            since = request.options.get(REPLAY_FROM)
+            if since is not None:
+                info["replay"] = channel.replay(client, float(since), now)
+                self.on_ready(tag)
             return Reply(seq, Status.OK, channel=tag, info=info)
         if method == units.UNSUBSCRIBE:
             channel.unsubscribe(client)
@@ -734,6 +741,31 @@ class BrokerStateMachine:
 
 
 _THROUGH_LOG = frozenset({units.PUBLISH, units.SUBSCRIBE, units.UNSUBSCRIBE, units.REGISTER})
+
+#: The subscribe option asking a disk channel to replay its log from a time
+#: (seconds since the epoch, compared with the publishers' timestamps).
+REPLAY_FROM = "from_time"
+
+
+def _check_replay(channel, since):
+    """
+    Refuse a replay from C{since} that C{channel} cannot give: only an
+    unordered channel kept on disk has a log to replay, from a real time.
+    """
+    if type(channel) is not DiskChannel:
+        raise channel.refuse(
+            Status.BAD_REQUEST,
+            f"channel {channel.tag!r} is not kept on disk: a replay from a time needs an unordered "
+            'channel whose class has persistence = "disk"',
+            "replay-not-on-disk",
+        )
+    if type(since) not in (int, float) or not math.isfinite(since):
+        raise channel.refuse(
+            Status.BAD_REQUEST,
+            f"subscribe option {REPLAY_FROM!r}: expected a time in seconds since the epoch "
+            f"(a finite number), found {since!r:.60}",
+            "bad-replay-time",
+        )
 
 
 def _batch_keys(keys):

@@ -2,6 +2,7 @@
 Receiving events: streams with flow control and acknowledgements, and pulls.
 """
 
+import math
 import os
 from itertools import islice
 
@@ -200,8 +201,12 @@ class Subscriber:
             record = self.records[tag] = DeliveryRecord.open(path)
         return record
 
-    def voter(self, tag):
-        voter = self.voters.get(tag)
+    def voter(self, tag, fresh=False):
+        """
+        Return the voter of C{tag}; with C{fresh}, a new one that remembers
+        nothing delivered before (a replay hands those over again).
+        """
+        voter = None if fresh else self.voters.get(tag)
         if voter is None:
             spec = self.config.channels[tag]
             record = self.record(tag)
@@ -223,7 +228,7 @@ class Subscriber:
                     channel=tag,
                     replicas=len(self.config.replicas),
                     publishers=len(self.config.clients) if "*" in publishers else len(publishers),
-                    memory=record.seen if record is not None else None,
+                    memory=record.seen if record is not None and not fresh else None,
                     max_ttl=spec.qos.ttl,
                     window=(self.credit, self.credit_bytes),
                 )
@@ -266,7 +271,7 @@ class Subscriber:
         self.records.clear()
 
     def subscribe(self, tag, callback=None, resume=True, batches=False, takeover=False,
-                  from_position=None):
+                  from_position=None, from_time=None):
         """
         Subscribe to C{tag}.  With C{callback}, events are streamed to it in
         lists of L{Event}; if it returns a Deferred, no more events come
@@ -284,10 +289,17 @@ class Subscriber:
         @param from_position: on an ordered channel, the log position to
             start at instead of where the delivery record left off: entries
             before it are acknowledged and not handed over.
+        @param from_time: on an unordered channel kept on disk, a time
+            (seconds since the epoch): every replica queues again what its
+            log still holds stamped at or after it by its publisher, even
+            what this client acknowledged, and the voter, starting afresh,
+            hands it over again.
         """
         try:
             spec = self._spec(tag)
-            voter = self.voter(tag)
+            if from_time is not None:
+                self._check_replay(spec, from_time, from_position)
+            voter = self.voter(tag, fresh=from_time is not None)
             record = self.record(tag)
             scope = spec.qos.ordering if spec.qos.ordering in ORDERED_SCOPES else None
             if scope is not None and callback is None:
@@ -308,6 +320,9 @@ class Subscriber:
         except FitBrokerError:
             return fail()
         options = {"resume": bool(resume)}
+        if from_time is not None:
+            # in this request only: a reconnection's subscribe must not replay again
+            options["from_time"] = float(from_time)
         if callback is not None:
             if scope is None:
                 stream = self._streams[tag] = _Stream(tag, callback, batches, takeover, record)
@@ -326,6 +341,29 @@ class Subscriber:
         quorum = self.config.acks_needed(spec.tag)
         # kept for replicas not connected yet, so that the quorum can still form
         return self.proxy.invoke(request, quorum)
+
+    def _check_replay(self, spec, from_time, from_position):
+        """
+        Refuse a replay from C{from_time} that C{spec}'s channel cannot give,
+        or that would mix with a voter in use.
+        """
+        tag = spec.tag
+        if from_position is not None:
+            raise RequestFailed("bad-request", "a start position and a start time contradict each other; use one")
+        if type(from_time) not in (int, float) or not math.isfinite(from_time):
+            raise RequestFailed(
+                "bad-request", f"a replay starts at a time in seconds since the epoch, not {from_time!r:.60}"
+            )
+        if spec.qos.persistence != "disk" or spec.qos.ordering in ORDERED_SCOPES:
+            raise RequestFailed(
+                "bad-request",
+                f"channel {tag!r} is not kept on disk: a replay from a time needs an unordered channel "
+                'whose class has persistence = "disk"',
+            )
+        if tag in self._streams:
+            raise RequestFailed(
+                "bad-request", f"channel {tag!r} is streamed already: unsubscribe before replaying it"
+            )
 
     def _stream_options(self, stream):
         options = {
