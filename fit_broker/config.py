@@ -29,7 +29,7 @@ class ReplicaSpec:
     @ivar connect: the client endpoint string clients reach it with.
     @ivar metrics: the server endpoint string its Prometheus metrics are
         served on, or C{None} for none.
-    @ivar data: the folder its disk channels live in (absolute), or C{None}
+    @ivar data: the folder its agreement journal and disk channels live in (absolute), or C{None}
         for the default (L{ClusterConfig.data_folder}).
     """
 
@@ -269,9 +269,9 @@ def parse_config(path, data):
     for index in range(len(replicas_data)):
         r = top.sub("replicas", index)
         r.unknown_keys({"listen", "connect", "metrics", "data"})
-        data = r.get("data", str, "a folder for the replica's disk channels", None)
+        data = r.get("data", str, "a folder for the replica's journal and disk channels", None)
         if data is not None and not data:
-            r.fail("data", "a folder for the replica's disk channels, found ''")
+            r.fail("data", "a folder for the replica's journal and disk channels, found ''")
         replicas.append(
             ReplicaSpec(
                 index,

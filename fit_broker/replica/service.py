@@ -537,9 +537,10 @@ def runs_orderer(config, keys=None):
 def started_before(config, index):
     """
     Return whether replica C{index} of this cluster file ran on this host
-    before, and note that it has now.  A replica that ran before may have
-    voted and forgotten (its ordering state is in memory), so its protocol
-    starts recovering; one that cannot tell is assumed to have.
+    before, and note that it has now.  A replica that ran before and finds
+    no agreement journal (its data folder was lost) may have voted and
+    forgotten, so its protocol starts recovering; one that cannot tell is
+    assumed to have.
     """
     import hashlib
 
