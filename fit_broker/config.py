@@ -226,12 +226,6 @@ def _load_class(reader, name):
     persistence = reader.get("persistence", str, "'memory' or 'disk'", "memory")
     if persistence not in PERSISTENCE:
         reader.fail("persistence", f"'memory' or 'disk', found {persistence!r}")
-    if persistence == "disk" and ordering != "none":
-        reader.fail(
-            "persistence",
-            f"'memory' for an ordered class (ordering = {ordering!r}): "
-            "disk channels are not supported yet for ordered classes",
-        )
     fsync = reader.get("fsync", str, "'always', 'interval' or 'never'", "always")
     if fsync not in FSYNC_POLICIES:
         reader.fail("fsync", f"'always', 'interval' or 'never', found {fsync!r}")

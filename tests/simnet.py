@@ -76,7 +76,7 @@ class SimNet:
     """
 
     def __init__(self, config, clock=None, faulty=None, keys=False, liars=None, orderer_options=None,
-                 journals=False):
+                 journals=False, disks=False):
         """
         @param faulty: replica index -> a Byzantine behaviour (see
             L{tests.byzantine}) that rewrites what that replica sends.
@@ -86,6 +86,8 @@ class SimNet:
         @param journals: give each replica an agreement journal on a
             L{FakeStorage} that outlives its restarts (L{kill} may make it
             lose what was not synced).
+        @param disks: give each replica's disk channels L{FakeStorage}s
+            that outlive its restarts, as L{kill} does for journals.
         """
         self.liars = dict(liars or {})
         self.orderer_options = dict(orderer_options or {})
@@ -108,6 +110,7 @@ class SimNet:
         self.restarted = set()
         self.held = []
         self.journals = {i: FakeStorage() for i in range(len(config.replicas))} if journals else None
+        self.disks = {i: {} for i in range(len(config.replicas))} if disks else None
         self.cryptos = crypto_generate(len(config.replicas)) if runs_orderer(config) else None
         self.replicas = [self._replica(i) for i in range(len(config.replicas))]
         if self.cryptos is not None:
@@ -116,8 +119,16 @@ class SimNet:
             self._ticks.start(AGREEMENT_TICK, now=False)
 
     def _replica(self, index):
+        storage = None
+        if self.disks is not None:
+            folders = self.disks[index]
+
+            def storage(tag):
+                return folders.setdefault(tag, (FakeStorage(), FakeStorage()))
+
         replica = self.liars.get(index, Replica)(
-            self.config, index, self.clock, self.schemes, self.keyrings.get(replica_identity(index))
+            self.config, index, self.clock, self.schemes, self.keyrings.get(replica_identity(index)),
+            storage=storage,
         )
         if index in self.faulty or index in self.liars:
             # a Byzantine replica holds every batch and may send any of them in full
@@ -146,6 +157,8 @@ class SimNet:
             )
             if journal is not None and journal.records:
                 replica.replicated_log.resume(journal.records, self.clock.seconds())
+            else:
+                replica.broker.resumed()
         return replica
 
     def _peer_send(self, sender, to, kind, body):
@@ -230,6 +243,10 @@ class SimNet:
         """
         if power_loss and self.journals is not None:
             self.journals[index].crash()
+        if power_loss and self.disks is not None:
+            for storages in self.disks[index].values():
+                for storage in storages:
+                    storage.crash()
         self.down.add(index)
         for i, pump in list(self.pumps):
             if i == index:

@@ -20,6 +20,7 @@ from fit_broker.broker.ordered import (
     ref_key,
 )
 from fit_broker.broker.ordered_channel import OrderedChannel
+from fit_broker.broker.ordered_disk_channel import OrderedDiskChannel
 from fit_broker.control import ControlTable, table_value
 from fit_broker.errors import Status
 from fit_broker.units import Reply, batch_bytes, batch_digest
@@ -109,6 +110,15 @@ class BrokerStateMachine:
         self.missing = OrderedDict()
 
     def _channel(self, spec):
+        if spec.qos.persistence == "disk" and spec.qos.ordering != "none":
+            return OrderedDiskChannel(
+                spec,
+                self.schemes(spec.scheme),
+                self.keys,
+                self.config.max_clock_skew,
+                light_copies=self._light_copies(spec, self.replica_index),
+                storage=None if self.storage is None else self.storage(spec.tag),
+            )
         if spec.qos.persistence == "disk" and spec.qos.ordering == "none":
             return DiskChannel(
                 spec,
@@ -297,6 +307,33 @@ class BrokerStateMachine:
         Return the channels kept on disk.
         """
         return [c for c in self.channels.values() if type(c) is DiskChannel]
+
+    def ordered_disk_channels(self):
+        return [c for c in self.channels.values() if type(c) is OrderedDiskChannel]
+
+    def sync_ordered_bodies(self, now):
+        """
+        Make the batches ordered disk channels hold durable as their
+        classes say, before this replica announces it holds them.
+        """
+        for channel in self.ordered_disk_channels():
+            channel.sync_bodies(now)
+
+    def tick_storage(self, now):
+        for channel in self.ordered_disk_channels():
+            channel.tick(now)
+
+    def resumed(self):
+        """
+        The agreement journal was replayed: ordered disk channels queue
+        again what their subscribers did not acknowledge.
+        """
+        for channel in self.ordered_disk_channels():
+            channel.rebuild()
+
+    def close_ordered(self, now):
+        for channel in self.ordered_disk_channels():
+            channel.close(now)
 
     def storage_synced(self, answers):
         """
@@ -502,6 +539,7 @@ class BrokerStateMachine:
                 return Status.UNAUTHORIZED, f"client {client!r} may no longer subscribe to {tag!r}"
             state.subscribers[tag].add(client)
             channel.subscribe(client, True)
+            channel.subscribed(client, state.next_seq[tag])
         elif kind == UNSUBSCRIBE:
             state.subscribers[tag].discard(client)
             channel.unsubscribe(client)
@@ -683,7 +721,7 @@ class BrokerStateMachine:
         queue = channel.queues.get(client)
         if queue is None:
             return 0
-        if type(channel) is DiskChannel:
+        if type(channel) in (DiskChannel, OrderedDiskChannel):
             return channel.acknowledge(client, _batch_keys(keys), delivered)
         return queue.ack(_batch_keys(keys), delivered)
 

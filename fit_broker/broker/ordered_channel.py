@@ -117,6 +117,12 @@ class OrderedChannel(Channel):
             skipped = queue.clear()
         return queue, skipped
 
+    def subscribed(self, client, next_seq):
+        """
+        The log made C{client} a subscriber, its queue starting at sequence
+        number C{next_seq} (a hook for channels that keep it on disk).
+        """
+
     def new_queue(self):
         qos = self.spec.qos
         return OrderedQueue(qos.capacity, qos.overflow, qos.max_bytes)

@@ -59,6 +59,7 @@ class ReplicatedLog:
         what it rebuilds (the state and decided instances, replayed).
         """
         self._carry(self.orderer.resume(records, now), now)
+        self.machine.resumed()
         self._answer()
 
     def count(self, reason, n=1):
@@ -71,6 +72,8 @@ class ReplicatedLog:
         """
         proposals = self.machine.take_proposals()
         if proposals:
+            # announced only once durable where the class says so
+            self.machine.sync_ordered_bodies(now)
             self._carry(self.orderer.submit(proposals, now), now)
         self._answer()
 
@@ -82,6 +85,7 @@ class ReplicatedLog:
         self._carry(self.orderer.tick(now), now)
         if self.journal is not None:
             self.journal.sync(now)
+        self.machine.tick_storage(now)
         self.machine.expire_waiting(now)
         missing = self.machine.missing_to_fetch(now)
         if missing:

@@ -451,7 +451,7 @@ def make_replica_service(
             journal.close(reactor.seconds())
             journal = None
         else:
-            JournalCloser(journal, reactor).setServiceParent(top)
+            JournalCloser(journal, reactor, replica.broker).setServiceParent(top)
     if orderer is None:
         replica.broker.table_problem = config.orderer_problem or (
             "the replicas run no ordering protocol: name administrators in [cluster] admins "
@@ -485,6 +485,8 @@ def make_replica_service(
                     f"{journal.storage}: the agreement journal holds what this version cannot "
                     f"read ({e}); move it away to have the replica recover from its peers"
                 ) from None
+        else:
+            replica.broker.resumed()
         ticks = TimerService(AGREEMENT_TICK, replica.tick)
         ticks.clock = reactor
         ticks.setServiceParent(top)
@@ -505,16 +507,20 @@ def open_journal(config, index, now):
 
 class JournalCloser(Service):
     """
-    Syncs and closes the agreement journal when the replica stops.
+    Syncs and closes the agreement journal, and the logs of ordered disk
+    channels, when the replica stops.
     """
 
-    def __init__(self, journal, reactor):
+    def __init__(self, journal, reactor, broker):
         self.journal = journal
         self.reactor = reactor
+        self.broker = broker
 
     def stopService(self):
         super().stopService()
-        self.journal.close(self.reactor.seconds())
+        now = self.reactor.seconds()
+        self.broker.close_ordered(now)
+        self.journal.close(now)
 
 
 def runs_orderer(config, keys=None):

@@ -1,0 +1,181 @@
+"""
+Ordered channels kept on disk (persistence = "disk" in an ordered class):
+the channel's logs on a storage that loses unsynced writes, and whole
+simulated clusters whose replicas all lose power at once.
+"""
+
+import pytest
+
+from fit_broker.broker.ordered import batch_ref
+from fit_broker.broker.ordered_disk_channel import OrderedDiskChannel
+from fit_broker.schemes.registry import scheme_lookup
+from fit_broker.storage import FakeStorage
+from fit_broker.units import batch_digest
+from tests.simnet import SimNet, cluster_config
+
+NOW = 1_800_000_000.0
+
+
+def _config(**qos):
+    settings = {"persistence": "disk", "ordering": "channel", "fsync": "always", **qos}
+    return cluster_config(("events",), replicas=4, qop="cft", clients=("probe", "console", "late"), **settings)
+
+
+def _channel(config, storages):
+    spec = config.channels["events"]
+    return OrderedDiskChannel(spec, scheme_lookup(config)(spec.scheme), storage=storages)
+
+
+def _batch(first_id, text=b"x", ttl=60.0):
+    return ("probe", first_id, NOW, ttl, 0, text, b"")
+
+
+def _apply(channel, batches, position=0, seq=0):
+    for batch in batches:
+        channel.keep(batch, batch_digest(batch))
+        position += 1
+        seq += 1
+        channel.apply(batch_ref("events", batch, batch_digest(batch)), position, seq, NOW)
+    return position, seq
+
+
+def _queued(channel, client):
+    return [entry[1] for entry in channel.queues[client].entries]
+
+
+def test_a_reopened_channel_queues_exactly_what_each_subscriber_did_not_acknowledge():
+    """After a crash that keeps only synced writes, a channel reopened on the same storages holds every synced body and queues for each subscriber the entries from its start it did not acknowledge."""
+    config = _config()
+    storages = (FakeStorage(), FakeStorage())
+    channel = _channel(config, storages)
+    channel.subscribe("console", True)
+    channel.subscribed("console", 1)
+    batches = [_batch(i, b"event %d" % i) for i in range(1, 7)]
+    _apply(channel, batches[:3])
+    channel.subscribe("late", True)
+    channel.subscribed("late", 4)
+    _apply(channel, batches[3:], position=3, seq=3)
+    taken = channel.queues["console"].take(100, 1 << 20, NOW, channel.form)
+    assert [t[1] for t in taken] == [1, 2, 3, 4, 5, 6]
+    channel.acknowledge("console", [("probe", 1), ("probe", 2)])
+    channel.sync_bodies(NOW)
+    channel.tick(NOW + 1)
+    for storage in storages:
+        storage.crash()
+    again = _channel(config, storages)
+    for client in ("console", "late"):
+        again.queues[client] = again.new_queue()
+    again.rebuild()
+    assert _queued(again, "console") == [3, 4, 5, 6]
+    assert _queued(again, "late") == [4, 5, 6]
+    assert again.logged_seq == 6
+    assert all(again.holds(batch_ref("events", b, batch_digest(b))) for b in batches)
+    # replaying an entry the log holds queues nothing twice
+    again.apply(batch_ref("events", batches[5], batch_digest(batches[5])), 6, 6, NOW)
+    assert _queued(again, "console") == [3, 4, 5, 6]
+
+
+def test_unsynced_bodies_are_lost_under_never_and_kept_under_always():
+    """Under fsync = "always" a body is durable once synced before it is announced; under "never" a power loss takes what no segment roll synced."""
+    for policy, survives in (("always", True), ("never", False)):
+        config = _config(fsync=policy)
+        storages = (FakeStorage(), FakeStorage())
+        channel = _channel(config, storages)
+        batch = _batch(1)
+        channel.keep(batch, batch_digest(batch))
+        channel.sync_bodies(NOW)
+        for storage in storages:
+            storage.crash()
+        again = _channel(config, storages)
+        assert again.holds(batch_ref("events", batch, batch_digest(batch))) is survives, policy
+
+
+def test_a_full_disk_refuses_the_publish_and_keeps_what_was_held():
+    """A body the disk has no room for refuses its publish with disk-full; what the channel held before stays."""
+    from fit_broker.broker.channel import Refused
+
+    config = _config()
+    storages = (FakeStorage(), FakeStorage())
+    channel = _channel(config, storages)
+    first = _batch(1)
+    channel.keep(first, batch_digest(first))
+    storages[0].full_after(0)
+    with pytest.raises(Refused) as refused:
+        channel.keep(_batch(2), batch_digest(_batch(2)))
+    assert refused.value.status == "disk-full"
+    assert channel.holds(batch_ref("events", first, batch_digest(first)))
+    assert channel.counters["body-log-failed"] == 1
+
+
+def test_acknowledged_entries_leave_the_entry_log():
+    """Once every subscriber acknowledged them, old entry segments are dropped, so the log stays small under a steady load."""
+    config = _config()
+    storages = (FakeStorage(), FakeStorage())
+    channel = _channel(config, storages)
+    channel.subscribe("console", True)
+    channel.subscribed("console", 1)
+    position = seq = 0
+    for round_ in range(40):
+        batches = [_batch(round_ * 100 + i, b"y" * 2000) for i in range(1, 101)]
+        position, seq = _apply(channel, batches, position, seq)
+        taken = channel.queues["console"].take(1000, 1 << 24, NOW, channel.form)
+        channel.acknowledge("console", [(t[2][0], t[2][1]) for t in taken])
+        channel.tick(NOW + round_ * 2)
+    stats = channel.entry_log.stats()
+    assert stats["segments"] <= 2, stats
+    assert channel.logged_seq == 4000
+
+
+def _run(net, seconds):
+    net.run(seconds=seconds)
+
+
+@pytest.mark.parametrize("qop, replicas", [("bft", 4), ("cft", 3)])
+def test_every_acknowledged_event_survives_every_replica_losing_power(qop, replicas):
+    """A subscriber away while 15 events are acknowledged, then every replica losing power at once and restarting: the subscriber gets each of them once, in one gapless order, and the log reuses no position."""
+    config = cluster_config(
+        ("events",), replicas=replicas, qop=qop, keys_dir="keys", ordering="channel",
+        persistence="disk", fsync="always", clients=("probe", "console"),
+    )
+    net = SimNet(config, journals=True, disks=True, orderer_options={"checkpoint_interval": 4})
+    console = net.client("console")
+    first = []
+    d = console.subscriber.subscribe("events", first.extend)
+    _run(net, 0.5)
+    assert d.called and d.result.ok
+    publisher = net.client("probe")
+    acked = []
+    for i in range(5):
+        publisher.publisher.publish_many("events", [b"first %d" % i]).addCallback(acked.extend)
+        _run(net, 0.2)
+    _run(net, 2)
+    assert len(first) == 5
+    net.crash_client(console)
+    for i in range(15):
+        publisher.publisher.publish_many("events", [b"away %d" % i]).addCallback(acked.extend)
+        _run(net, 0.2)
+    _run(net, 1)
+    assert len(acked) == 20
+    away = set(acked[5:])
+    position = max(r.broker.state.position for r in net.replicas)
+    for index in range(replicas):
+        net.kill(index, power_loss=True)
+    for index in range(replicas):
+        net.restart(index)
+    _run(net, 1)
+    assert {r.broker.state.position for r in net.replicas} == {position}
+    back = net.client("console")
+    got = []
+    d = back.subscriber.subscribe("events", got.extend)
+    _run(net, 10)
+    assert d.called and d.result.ok
+    delivered = [e.event_id for e in got]
+    assert away <= set(delivered), (sorted(away - set(delivered)), delivered)
+    assert all(delivered.count(i) == 1 for i in away)
+    assert set(delivered) <= set(acked)
+    seqs = [e.seq for e in got]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    later = publisher.publisher.publish_many("events", [b"later"])
+    _run(net, 3)
+    assert later.called
+    assert min(r.broker.state.position for r in net.replicas) > position
