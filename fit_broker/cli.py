@@ -631,7 +631,7 @@ def _check_from_time(config, args):
     if elsewhere:
         raise CommandError(
             f"--from TIME: not a disk channel: {', '.join(elsewhere)}; a replay from a time needs "
-            'channels whose class has persistence = "disk" (ordered channels take --from POSITION)'
+            'channels whose class has persistence = "disk" (ordered memory channels take --from POSITION)'
         )
 
 

@@ -179,3 +179,45 @@ def test_every_acknowledged_event_survives_every_replica_losing_power(qop, repli
     _run(net, 3)
     assert later.called
     assert min(r.broker.state.position for r in net.replicas) > position
+
+
+@pytest.mark.parametrize("qop, replicas", [("bft", 4), ("cft", 3)])
+def test_an_ordered_disk_channel_replays_from_a_position_and_from_a_time(qop, replicas):
+    """A first subscription asking for position 1 gets every retained entry, acknowledged by others or not; a subscriber that had everything asks again from a time and gets, once each and in order, exactly the entries from the first one stamped at or after it."""
+    config = cluster_config(
+        ("events",), replicas=replicas, qop=qop, keys_dir="keys", ordering="channel",
+        persistence="disk", fsync="interval", clients=("probe", "console", "console2"),
+    )
+    net = SimNet(config, journals=True, disks=True)
+    console = net.client("console")
+    got = []
+    d = console.subscriber.subscribe("events", got.extend)
+    _run(net, 0.5)
+    assert d.called and d.result.ok
+    publisher = net.client("probe")
+    stamps = []
+    for i in range(10):
+        stamps.append(net.clock.seconds())
+        publisher.publisher.publish_many("events", [b"event %d" % i])
+        _run(net, 0.3)
+    _run(net, 2)
+    assert [e.content for e in got] == [b"event %d" % i for i in range(10)]
+    # a newcomer from position 1 gets the whole retained history
+    newcomer = net.client("console2")
+    history = []
+    d = newcomer.subscriber.subscribe("events", history.extend, from_position=1)
+    _run(net, 3)
+    assert d.called and d.result.ok, d.result
+    assert [e.content for e in history] == [b"event %d" % i for i in range(10)]
+    # the first subscriber again, from the time event 6 was published
+    net.crash_client(console)
+    again = net.client("console")
+    replayed = []
+    d = again.subscriber.subscribe("events", replayed.extend, from_time=stamps[6])
+    _run(net, 3)
+    assert d.called and d.result.ok, d.result
+    assert [e.content for e in replayed] == [b"event %d" % i for i in range(6, 10)]
+    seqs = [e.seq for e in replayed]
+    assert seqs == list(range(seqs[0], seqs[0] + 4))
+    counted = sum(r.broker.channels["events"].counters["replayed"] for r in net.replicas)
+    assert counted > 0

@@ -108,6 +108,8 @@ class BrokerStateMachine:
         self._positions = OrderedDict()
         # decided batches this replica lacks: key -> (ref, last asked)
         self.missing = OrderedDict()
+        # replays asked with a first subscription to an ordered disk channel
+        self._replays = OrderedDict()
 
     def _channel(self, spec):
         if spec.qos.persistence == "disk" and spec.qos.ordering != "none":
@@ -222,7 +224,12 @@ class BrokerStateMachine:
             if not resume:
                 info["skipped"] = skipped
             since = request.options.get(REPLAY_FROM)
-            if since is not None:
+            if type(channel) is OrderedDiskChannel:
+                replay = self._ordered_replay(channel, client, request.options)
+                if replay is not None:
+                    info["replay"] = replay
+                    self.on_ready(tag)
+            elif since is not None:
                 info["replay"] = channel.replay(client, float(since), now)
                 self.on_ready(tag)
             return Reply(seq, Status.OK, channel=tag, info=info)
@@ -271,6 +278,11 @@ class BrokerStateMachine:
             if client in self.state.subscribers[tag]:
                 return self._dispatch(channel, client, request, now)
             value = (SUBSCRIBE, tag, client)
+            if type(channel) is OrderedDiskChannel:
+                # a replay asked with the first subscription starts once it is applied
+                self._replays[(tag, client)] = request.options
+                while len(self._replays) > MAX_WAITING:
+                    self._replays.popitem(last=False)
         elif method == units.UNSUBSCRIBE:
             if client not in self.state.subscribers[tag]:
                 channel.unsubscribe(client)
@@ -341,6 +353,22 @@ class BrokerStateMachine:
         for L{take_answers}.
         """
         self._answers.extend(answers)
+
+    def _ordered_replay(self, channel, client, options):
+        """
+        Carry out the replay a subscribe to an ordered disk channel asks
+        for: from a time (C{from_time}), or from a log position (C{from},
+        which every reconnection also names: it queues only what the
+        subscriber's queue lacks).  Return what was queued, or C{None}.
+        """
+        since = options.get(REPLAY_FROM)
+        if since is not None:
+            return channel.replay(client, since=float(since))
+        position = options.get("from")
+        if type(position) is int and position >= 1:
+            replay = channel.replay(client, position=position)
+            return replay if replay["entries"] else None
+        return None
 
     def _verify_key(self, admin):
         return None if self.keys is None else self.keys.verify_key(admin)
@@ -540,6 +568,9 @@ class BrokerStateMachine:
             state.subscribers[tag].add(client)
             channel.subscribe(client, True)
             channel.subscribed(client, state.next_seq[tag])
+            options = self._replays.pop((tag, client), None)
+            if options is not None and type(channel) is OrderedDiskChannel:
+                self._ordered_replay(channel, client, options)
         elif kind == UNSUBSCRIBE:
             state.subscribers[tag].discard(client)
             channel.unsubscribe(client)
@@ -790,7 +821,7 @@ def _check_replay(channel, since):
     Refuse a replay from C{since} that C{channel} cannot give: only an
     unordered channel kept on disk has a log to replay, from a real time.
     """
-    if type(channel) is not DiskChannel:
+    if type(channel) not in (DiskChannel, OrderedDiskChannel):
         raise channel.refuse(
             Status.BAD_REQUEST,
             f"channel {channel.tag!r} is not kept on disk: a replay from a time needs an unordered "

@@ -41,7 +41,7 @@ from fit_broker.broker.disk_channel import (
     STORAGE_FAILED,
     decode_batch,
 )
-from fit_broker.broker.ordered import EXPIRED, QUEUED, SEQ, STATE
+from fit_broker.broker.ordered import EXPIRED, QUEUED, SEQ, STATE, ref_key
 from fit_broker.broker.ordered_channel import OrderedChannel
 from fit_broker.storage import FakeStorage, SegmentLog, StorageError
 from fit_broker.units import batch_digest
@@ -99,7 +99,7 @@ class OrderedDiskChannel(OrderedChannel):
         self._trim_due = 0.0
         for name in ("recovered", "recovery-cut", "recovery-lost", "log-overflow",
                      "refused:disk-full", "refused:storage-failed", "entry-log-failed",
-                     "body-log-failed"):
+                     "body-log-failed", "replays", "replayed"):
             self.counters.setdefault(name, 0)
         self._recover()
 
@@ -293,6 +293,40 @@ class OrderedDiskChannel(OrderedChannel):
             self._acked.setdefault(client, set()).update(seqs)
             self._record(["a", client, seqs], self._now_or(0.0))
         return queue.ack(keys, delivered)
+
+    # -- replay
+
+    def replay(self, client, position=None, since=None):
+        """
+        Queue again for C{client} the logged entries from log position
+        C{position}, or from the first entry stamped at or after C{since}
+        (a publisher's timestamp), that its queue does not hold: within
+        retention, acknowledged or not.  Return what was queued.
+        """
+        queue = self.queue_of(client)
+        if since is not None:
+            position = None
+            for _, entry_position, ref, _ in self._entries.values():
+                if ref[6] >= since:
+                    position = entry_position
+                    break
+            if position is None:
+                return {"from": since, "position": None, "entries": 0}
+        wanted = [
+            (seq, item) for seq, item in self._entries.items()
+            if item[1] >= position and not queue.holds(ref_key(item[2]))
+        ]
+        if not wanted:
+            return {"from": since if since is not None else position, "position": position, "entries": 0}
+        fresh = self.new_queue()
+        acked = self._acked.get(client, set())
+        for seq, (_, entry_position, ref, note) in self._entries.items():
+            if entry_position >= position or (seq >= self._starts.get(client, 0) and seq not in acked):
+                fresh.append(entry_position, seq, ref, note)
+        self.queues[client] = fresh
+        self.count("replays")
+        self.count("replayed", len(wanted))
+        return {"from": since if since is not None else position, "position": position, "entries": len(wanted)}
 
     # -- retention
 

@@ -289,11 +289,11 @@ class Subscriber:
         @param from_position: on an ordered channel, the log position to
             start at instead of where the delivery record left off: entries
             before it are acknowledged and not handed over.
-        @param from_time: on an unordered channel kept on disk, a time
-            (seconds since the epoch): every replica queues again what its
-            log still holds stamped at or after it by its publisher, even
-            what this client acknowledged, and the voter, starting afresh,
-            hands it over again.
+        @param from_time: on a channel kept on disk, a time (seconds since
+            the epoch): every replica queues again what its log still holds
+            stamped at or after it by its publisher (on an ordered channel,
+            every entry from the first so stamped), even what this client
+            acknowledged, and the voter, starting afresh, hands it over again.
         """
         try:
             spec = self._spec(tag)
@@ -307,6 +307,9 @@ class Subscriber:
                     "bad-request",
                     f"channel {tag!r} is ordered: subscribe with a callback (pulls are unordered)",
                 )
+            if from_time is not None and scope is not None:
+                # an ordered replay starts at the first entry f+1 replicas send
+                voter.start_from(1)
             if from_position is not None:
                 if scope is None:
                     raise RequestFailed(
@@ -354,10 +357,10 @@ class Subscriber:
             raise RequestFailed(
                 "bad-request", f"a replay starts at a time in seconds since the epoch, not {from_time!r:.60}"
             )
-        if spec.qos.persistence != "disk" or spec.qos.ordering in ORDERED_SCOPES:
+        if spec.qos.persistence != "disk":
             raise RequestFailed(
                 "bad-request",
-                f"channel {tag!r} is not kept on disk: a replay from a time needs an unordered channel "
+                f"channel {tag!r} is not kept on disk: a replay from a time needs a channel "
                 'whose class has persistence = "disk"',
             )
         if tag in self._streams:
