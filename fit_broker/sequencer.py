@@ -24,6 +24,9 @@ from fit_broker.voters import FETCH_DELAY, MAX_WANTED, REFETCH_INTERVAL, CreditA
 ORDERED_SCOPES = ("channel", "global")
 # Seconds between two reopenings of one replica's stream.
 REOPEN_INTERVAL = 2.0
+# The tombstone note of numbers a replica no longer holds for this
+# subscriber (fit_broker.broker.ordered.LOST).
+LOST = "lost"
 
 
 @attrs.frozen
@@ -123,14 +126,18 @@ class OrderedVoter(CreditAndAcks):
     holds_copies = True
 
     def __init__(self, faults=1, byzantine=True, window=None, resume=None, max_ttl=None,
-                 channel="", **context):
+                 channel="", replicas=None, **context):
         """
         @param resume: C{(position, seq)} delivered last (a delivery
             record's), or C{None}.
         @param window: C{(events, bytes)} of credit each replica is given.
+        @param replicas: how many replicas there are (n): numbers that n-f
+            of them say they no longer hold (C{"lost"}) are skipped; without
+            it, never.
         @param context: what other voters take and this one does not.
         """
         self.needed = faults + 1 if byzantine else 1
+        self.lost_needed = replicas - faults if replicas else None
         self.window = tuple(window) if window is not None else (MAX_CREDIT_EVENTS, MAX_CREDIT_BYTES)
         self.max_ttl = float("inf") if max_ttl is None else max_ttl
         self.channel = channel
@@ -171,6 +178,14 @@ class OrderedVoter(CreditAndAcks):
         if self.last is not None:
             return self.last[0] + 1
         return self.from_position
+
+    def resume_seq(self):
+        """
+        The next sequence number this subscriber needs, when it knows it.
+        """
+        if self.next_seq is not None:
+            return self.next_seq
+        return None if self.last is None else self.last[1] + 1
 
     def _start(self, seq, now):
         """
@@ -258,7 +273,7 @@ class OrderedVoter(CreditAndAcks):
         if missed is not None and missed <= seq:
             del self._missed[replica]
         if vote is None:
-            if start is None:
+            if start is None and note != LOST:
                 starters = self._starts.setdefault(seq, set())
                 starters.add(replica)
                 if len(starters) >= self.needed:
@@ -323,9 +338,17 @@ class OrderedVoter(CreditAndAcks):
                     front = copies[0]
                     if front.vote is None and front.seq <= seq < front.end:
                         covering.append(front)
-            if len(covering) < needed:
+            lost = sum(1 for copy in covering if copy.note == LOST)
+            if len(covering) - lost >= needed:
+                covering = [copy for copy in covering if copy.note != LOST]
+            elif lost and self.lost_needed is not None and len(covering) >= self.lost_needed:
+                # at most f replicas may still hold these numbers: no f+1 of
+                # them can ever vouch for a batch there
+                needed = self.lost_needed
+            else:
                 return
             end = sorted((copy.end for copy in covering), reverse=True)[needed - 1]
+            needed = self.needed
             notes = {}
             for copy in covering:
                 notes[copy.note] = notes.get(copy.note, 0) + 1

@@ -304,8 +304,11 @@ class Delivery:
 
 
 # Why an ordered entry carries no batch (a tombstone): the batch expired or
-# overflowed at the replica, and its sequence numbers are skipped.
-TOMBSTONE_NOTES = ("expired", "overflow")
+# overflowed at the replica, and its sequence numbers are skipped; or
+# ("lost") the replica no longer holds them for this subscriber (it
+# restarted with the channel in memory, or the subscriber was not
+# subscribed then), skipped only when n-f replicas say so.
+TOMBSTONE_NOTES = ("expired", "overflow", "lost")
 
 
 @attrs.frozen

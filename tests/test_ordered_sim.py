@@ -370,3 +370,78 @@ def test_a_replica_restarted_from_its_journal_votes_at_once():
     net.run(seconds=5)
     assert all(d.called for d in later)
     assert len({r.broker.state.position for r in net.replicas}) == 1
+
+
+def _away_and_back(net, tmp_path, restart, replicas):
+    """
+    A subscriber with a delivery record takes 5 events, goes away while 10
+    more are acknowledged, C{restart(net)} happens, it comes back, then 3
+    more are published: return (its voter, every event it got).
+    """
+    state = str(tmp_path / "console-state")
+    console = net.client("console", state_dir=state)
+    got = []
+    d = console.subscriber.subscribe("events", got.extend)
+    net.run(seconds=0.5)
+    assert d.called and d.result.ok
+    publisher = net.client("probe")
+    acked = []
+    for i in range(5):
+        _publish(net, publisher, [b"first %d" % i]).addCallback(acked.extend)
+        net.run(seconds=0.2)
+    net.run(seconds=2)
+    assert len(got) == 5
+    net.crash_client(console)
+    for i in range(10):
+        _publish(net, publisher, [b"away %d" % i]).addCallback(acked.extend)
+        net.run(seconds=0.2)
+    net.run(seconds=1)
+    assert len(acked) == 15
+    restart(net)
+    net.run(seconds=1)
+    back = net.client("console", state_dir=state)
+    d = back.subscriber.subscribe("events", got.extend)
+    net.run(seconds=3)
+    assert d.called and d.result.ok
+    for i in range(3):
+        _publish(net, publisher, [b"later %d" % i])
+        net.run(seconds=0.3)
+    net.run(seconds=8)
+    return back.subscriber.voters["events"], got
+
+
+@pytest.mark.parametrize("qop, replicas", [("bft", 4), ("cft", 3)])
+def test_after_every_replica_restarts_a_memory_channel_subscriber_skips_what_is_lost(qop, replicas, tmp_path):
+    """Every replica losing power while a subscriber was away loses what it queued on a memory channel: each replica says so ("lost" tombstones), the subscriber skips those numbers once n-f replicas did, counts them, and goes on with new events instead of waiting forever."""
+    net = _net(qop=qop, replicas=replicas)
+    net = SimNet(net.config, journals=True)
+
+    def restart_all(net):
+        for index in range(replicas):
+            net.kill(index, power_loss=True)
+        for index in range(replicas):
+            net.restart(index)
+
+    voter, got = _away_and_back(net, tmp_path, restart_all, replicas)
+    contents = [e.content for e in got]
+    assert contents[:5] == [b"first %d" % i for i in range(5)]
+    assert contents[5:] == [b"later %d" % i for i in range(3)], contents
+    assert voter.counters.get("skipped-lost") == 10, voter.counters
+    assert [e.seq for e in got] == [1, 2, 3, 4, 5, 16, 17, 18]
+
+
+@pytest.mark.parametrize("qop, replicas", [("bft", 4), ("cft", 3)])
+def test_one_restarted_replica_saying_lost_makes_nobody_skip(qop, replicas, tmp_path):
+    """One replica restarted (even first-copy CFT) says it lost what it queued, but the others still hold it: the returning subscriber gets every event once and skips nothing."""
+    net = _net(qop=qop, replicas=replicas)
+    net = SimNet(net.config, journals=True)
+
+    def restart_one(net):
+        net.kill(1)
+        net.restart(1)
+
+    voter, got = _away_and_back(net, tmp_path, restart_one, replicas)
+    contents = [e.content for e in got]
+    expected = [b"first %d" % i for i in range(5)] + [b"away %d" % i for i in range(10)]
+    assert contents == expected + [b"later %d" % i for i in range(3)], contents
+    assert not voter.counters.get("skipped-lost"), voter.counters

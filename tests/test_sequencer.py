@@ -449,3 +449,43 @@ def test_a_lane_reuses_its_settled_bound_until_its_voter_takes_something():
     for replica in (0, 1):
         voter.note_watermark(replica, 40)
     assert lane.limit() == 40 and len(calls) == 2
+
+
+# Numbers replicas no longer hold ("lost" tombstones).
+
+
+def test_lost_numbers_are_skipped_only_once_n_minus_f_replicas_say_so():
+    """f+1 "lost" tombstones are not enough in BFT (4 replicas, f=1): the numbers are skipped, counted as lost, once 3 replicas say they no longer hold them, and delivery goes on after them."""
+    voter = started(replicas=4)
+    assert voter.offer(0, [tomb(10, 1, span=5, note="lost"), entry(60, 6)], NOW) == []
+    assert voter.offer(1, [tomb(10, 1, span=5, note="lost"), entry(60, 6)], NOW) == []
+    assert voter.next_seq == 1
+    items = voter.offer(2, [tomb(10, 1, span=5, note="lost")], NOW)
+    assert [(item.seq, item.end, item.note) for item in items] == [(1, 6, "lost"), (6, 7, "")]
+    assert voter.counters["skipped-lost"] == 5
+
+
+def test_a_replica_that_still_holds_a_number_wins_over_lost_claims():
+    """In CFT (first copy wins, 3 replicas) one replica saying "lost" skips nothing: the batch another still holds is delivered."""
+    voter = OrderedVoter(faults=1, byzantine=False, resume=(0, 0), replicas=3, window=(100, 1 << 20))
+    assert voter.offer(0, [tomb(10, 1, span=3, note="lost")], NOW) == []
+    items = voter.offer(1, [entry(10, 1), entry(20, 2), entry(30, 3)], NOW)
+    assert delivered(items) == [(1, 1), (2, 2), (3, 3)]
+    assert "skipped-lost" not in voter.counters
+
+
+def test_without_knowing_how_many_replicas_lost_claims_never_skip():
+    """A voter built without the number of replicas never skips on "lost" tombstones, however many come."""
+    voter = started()
+    for replica in range(4):
+        assert voter.offer(replica, [tomb(10, 1, span=2, note="lost")], NOW) == []
+    assert voter.next_seq == 1
+
+
+def test_a_lost_tombstone_crosses_the_wire():
+    """An ordered-delivery frame carrying a "lost" tombstone decodes; an unknown note is refused."""
+    frame = encode_ordered_delivery("events", (tomb(10, 1, span=3, note="lost"),), 9)
+    decoded = decode(frame[4:])
+    assert decoded.entries[0][3] == "lost" and decoded.entries[0][4] == 3
+    with pytest.raises(ProtocolError):
+        decode(encode_ordered_delivery("events", (tomb(10, 1, note="vanished"),), 9)[4:])

@@ -224,11 +224,11 @@ class BrokerStateMachine:
             if not resume:
                 info["skipped"] = skipped
             since = request.options.get(REPLAY_FROM)
-            if type(channel) is OrderedDiskChannel:
-                replay = self._ordered_replay(channel, client, request.options)
+            if channel.ordered:
+                replay = self._ordered_resume(channel, client, request.options)
                 if replay is not None:
                     info["replay"] = replay
-                    self.on_ready(tag)
+                self.on_ready(tag)
             elif since is not None:
                 info["replay"] = channel.replay(client, float(since), now)
                 self.on_ready(tag)
@@ -278,8 +278,8 @@ class BrokerStateMachine:
             if client in self.state.subscribers[tag]:
                 return self._dispatch(channel, client, request, now)
             value = (SUBSCRIBE, tag, client)
-            if type(channel) is OrderedDiskChannel:
-                # a replay asked with the first subscription starts once it is applied
+            if "from" in request.options or REPLAY_FROM in request.options:
+                # where the subscriber resumes is looked at once the subscription is applied
                 self._replays[(tag, client)] = request.options
                 while len(self._replays) > MAX_WAITING:
                     self._replays.popitem(last=False)
@@ -338,10 +338,17 @@ class BrokerStateMachine:
     def resumed(self):
         """
         The agreement journal was replayed: ordered disk channels queue
-        again what their subscribers did not acknowledge.
+        again what their subscribers did not acknowledge; ordered memory
+        channels lost what they queued, and say so to subscribers that
+        still need it (C{"lost"} tombstones).
         """
-        for channel in self.ordered_disk_channels():
-            channel.rebuild()
+        for tag, channel in self.channels.items():
+            if type(channel) is OrderedDiskChannel:
+                channel.rebuild()
+            elif channel.ordered:
+                channel.forget_queues(self.state.next_seq[tag])
+                for key in [k for k in self.missing if k[0] == tag]:
+                    del self.missing[key]
 
     def close_ordered(self, now):
         for channel in self.ordered_disk_channels():
@@ -354,21 +361,30 @@ class BrokerStateMachine:
         """
         self._answers.extend(answers)
 
-    def _ordered_replay(self, channel, client, options):
+    def _ordered_resume(self, channel, client, options):
         """
-        Carry out the replay a subscribe to an ordered disk channel asks
-        for: from a time (C{from_time}), or from a log position (C{from},
-        which every reconnection also names: it queues only what the
-        subscriber's queue lacks).  Return what was queued, or C{None}.
+        Carry out where a subscriber of an ordered channel resumes.  On a
+        disk channel, a replay from a time (C{from_time}) or from a log
+        position (C{from}, which every reconnection also names: it queues
+        only what the subscriber's queue lacks).  On any ordered channel,
+        the numbers before this replica's queue the subscriber still needs
+        (C{from_seq}) are sent as a C{"lost"} tombstone.  Return what a
+        replay queued, or C{None}.
         """
-        since = options.get(REPLAY_FROM)
-        if since is not None:
-            return channel.replay(client, since=float(since))
+        replay = None
+        if type(channel) is OrderedDiskChannel:
+            since = options.get(REPLAY_FROM)
+            position = options.get("from")
+            if since is not None:
+                replay = channel.replay(client, since=float(since))
+            elif type(position) is int and position >= 1:
+                replay = channel.replay(client, position=position)
+                replay = replay if replay["entries"] else None
+        seq = options.get("from_seq")
         position = options.get("from")
-        if type(position) is int and position >= 1:
-            replay = channel.replay(client, position=position)
-            return replay if replay["entries"] else None
-        return None
+        if type(seq) is int and seq >= 1 and REPLAY_FROM not in options:
+            channel.lost_before(client, seq, position if type(position) is int else 1)
+        return replay
 
     def _verify_key(self, admin):
         return None if self.keys is None else self.keys.verify_key(admin)
@@ -430,7 +446,8 @@ class BrokerStateMachine:
         if channel.ordered:
             self.state.add_channel(spec.tag)
             for client in self.state.subscribers[spec.tag]:
-                channel.queues[client] = channel.new_queue()
+                queue = channel.queues[client] = channel.new_queue()
+                queue.floor = self.state.next_seq[spec.tag]
 
     def _wait(self, waiting, values, token):
         if not values:
@@ -569,8 +586,8 @@ class BrokerStateMachine:
             channel.subscribe(client, True)
             channel.subscribed(client, state.next_seq[tag])
             options = self._replays.pop((tag, client), None)
-            if options is not None and type(channel) is OrderedDiskChannel:
-                self._ordered_replay(channel, client, options)
+            if options is not None:
+                self._ordered_resume(channel, client, options)
         elif kind == UNSUBSCRIBE:
             state.subscribers[tag].discard(client)
             channel.unsubscribe(client)
@@ -723,7 +740,8 @@ class BrokerStateMachine:
                     channel.unsubscribe(client)
             for client in subscribers:
                 if client not in channel.queues:
-                    channel.queues[client] = channel.new_queue()
+                    queue = channel.queues[client] = channel.new_queue()
+                    queue.floor = self.state.next_seq[tag]
             channel.registered |= self.state.registered[tag]
         self._count("state-restored")
 

@@ -36,6 +36,8 @@ TABLE = "table"
 # Tombstone notes: why an entry's batch will not come from this replica.
 EXPIRED = "expired"
 OVERFLOW = "overflow"
+LOST = "lost"
+LOST_PUBLISHER = "~lost"
 
 # Batches remembered per publisher and ordered channel for deduplication:
 # part of the replicated state, so every replica forgets alike.
@@ -229,9 +231,31 @@ class OrderedQueue(BoundedQueue):
     C{max_bytes} bytes) count batches, not tombstones.
     """
 
-    def __init__(self, capacity, overflow="drop-oldest", max_bytes=None):
+    def __init__(self, capacity, overflow="drop-oldest", max_bytes=None, floor=None):
         super().__init__(capacity, overflow, max_bytes)
         self.entries = deque()
+        # the lowest sequence number this queue holds every entry from (what
+        # was not acknowledged), or None when not known
+        self.floor = floor
+
+    def lost_before(self, tag, seq, position):
+        """
+        The subscriber needs sequence number C{seq} on: when that lies below
+        L{floor}, put a tombstone noted L{LOST} covering C{seq .. floor-1}
+        first, so that it can skip them once n-f replicas say the same.
+        Return the numbers it covers.
+        """
+        floor = self.floor
+        if floor is None or not seq < floor:
+            return 0
+        ref = (BATCH, tag, LOST_PUBLISHER, seq, 1, bytes(32), 0.0, 1.0, 0, BATCH_OVERHEAD)
+        key = ref_key(ref)
+        if key in self._index:
+            return 0
+        entry = [max(1, position), seq, ref, LOST, floor - seq, 1, BATCH_OVERHEAD, QUEUED]
+        self.entries.appendleft(entry)
+        self._index[key] = entry
+        return floor - seq
 
     @property
     def waiting(self):

@@ -120,8 +120,33 @@ class OrderedChannel(Channel):
     def subscribed(self, client, next_seq):
         """
         The log made C{client} a subscriber, its queue starting at sequence
-        number C{next_seq} (a hook for channels that keep it on disk).
+        number C{next_seq}.
         """
+        queue = self.queues.get(client)
+        if queue is not None and queue.floor is None:
+            queue.floor = next_seq
+
+    def lost_before(self, client, seq, position):
+        """
+        C{client} resumes at sequence number C{seq}: tell it which numbers
+        before this replica's queue it will never get from here.
+        """
+        queue = self.queues.get(client)
+        if queue is None:
+            return 0
+        lost = queue.lost_before(self.tag, seq, position)
+        if lost:
+            self.count("lost-claimed", lost)
+        return lost
+
+    def forget_queues(self, next_seq):
+        """
+        This replica restarted with the channel in memory: what it queued
+        before is gone; every queue starts empty at C{next_seq}.
+        """
+        for client in list(self.queues):
+            queue = self.queues[client] = self.new_queue()
+            queue.floor = next_seq
 
     def new_queue(self):
         qos = self.spec.qos

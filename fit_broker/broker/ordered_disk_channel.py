@@ -146,9 +146,11 @@ class OrderedDiskChannel(OrderedChannel):
         After the agreement journal was replayed: make each subscriber's
         queue every logged entry from its start that it did not acknowledge.
         """
+        first = next(iter(self._entries), self.logged_seq + 1)
         for client in list(self.queues):
             queue = self.queues[client] = self.new_queue()
             start = self._starts.get(client, 0)
+            queue.floor = max(start, first)
             acked = self._acked.get(client, ())
             for seq, (_, position, ref, note) in self._entries.items():
                 if seq >= start and seq not in acked:
@@ -254,6 +256,7 @@ class OrderedDiskChannel(OrderedChannel):
         return getattr(self, "_now", fallback) or fallback
 
     def subscribed(self, client, next_seq):
+        super().subscribed(client, next_seq)
         self._start(client, next_seq)
 
     def subscribe(self, client, resume):

@@ -218,6 +218,7 @@ class Subscriber:
                     resume=record.last_order if record is not None else None,
                     max_ttl=spec.qos.ttl,
                     channel=tag,
+                    replicas=len(self.config.replicas),
                 )
             else:
                 publishers = spec.publishers
@@ -377,9 +378,14 @@ class Subscriber:
         }
         if stream.ordered:
             # where this subscriber resumes: replicas need send nothing before it
-            position = self.voters[stream.tag].resume_position()
+            voter = self.voters[stream.tag]
+            position = voter.resume_position()
             if position is not None:
                 options["from"] = position
+            seq = voter.resume_seq()
+            if seq is not None:
+                # numbers the replicas no longer hold come back as "lost" tombstones
+                options["from_seq"] = seq
         return options
 
     def _reset_credit(self, stream, index):
