@@ -754,6 +754,9 @@ def replica_status(info, sent=None, received=None):
             "discards": total("expired") + total("overflowed")
             + counters.get("expired-on-arrival", 0),
         }
+        if channel.get("recovering") is True:
+            # a disk channel getting its lost log back from its peers
+            channels[tag]["recovering"] = True
     row["channels"] = channels
     agreement = info.get("agreement")
     if isinstance(agreement, dict):
@@ -815,8 +818,9 @@ def status_table(statuses):
             )
         )
         for tag, counts in row["channels"].items():
+            shown = f"{tag} (recovering)" if counts.get("recovering") else tag
             channels.append(
-                (tag, name, *(str(counts[k]) for k in ("in", "out", "waiting", "discards")))
+                (shown, name, *(str(counts[k]) for k in ("in", "out", "waiting", "discards")))
             )
     agreement = [("REPLICA", "LEADER", "REGENCY", "DECIDED", "CHECKPOINT", "POSITION", "TABLE")]
     for name, row in statuses.items():

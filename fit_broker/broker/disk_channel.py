@@ -293,10 +293,15 @@ class DiskChannel(Channel):
         self._last_reclaim = None
         self._now = 0.0  # the latest time a caller gave
         self.replays = {}  # subscriber -> its Replay under way
+        # what recovery from peers says while it runs (a dict), else None
+        self.recovering = None
+        # batch log records the last recovery found damaged and cut
+        self.lost_records = 0
         for name in ("recovered", "recovery-cut", "recovery-lost", "recovery-undecodable",
                      "log-overflow", "log-expired-batches", "refused:log-full", "refused:disk-full",
                      "refused:storage-failed", "ack-log-failed", "replays", "replayed",
-                     "replay-expired", "replay-gone", "replay-failed"):
+                     "replay-expired", "replay-gone", "replay-failed", "recovered-from-peers",
+                     "fetch-while-recovering"):
             self.counters.setdefault(name, 0)
         self._recover()
         self.durable = (self.log.next_index, self.acks.next_index)
@@ -314,6 +319,7 @@ class DiskChannel(Channel):
                 reason = "recovery-cut" if damage.tail else "recovery-lost"
                 if what == "batch":
                     self.count(reason, damage.records)
+                    self.lost_records += damage.records
                 self.logger.warn(
                     "disk channel {tag!r}: {what} log: {damage}",
                     tag=self.tag, what=what, damage=damage.describe(),
@@ -394,6 +400,86 @@ class DiskChannel(Channel):
     def new_queue(self):
         qos = self.spec.qos
         return OutputQueue(qos.capacity, qos.urgency_levels, qos.overflow, qos.max_bytes)
+
+    # -- recovery from peers (L{fit_broker.replica.disk_recovery})
+
+    def holds(self, key):
+        """
+        Whether the batch log holds the batch C{(publisher, first_id)}.
+        """
+        return key in self._where
+
+    def read_batches(self, cursor, max_batches, max_bytes):
+        """
+        Return C{(batches, next_cursor, end)}: the batches the log holds
+        from index C{cursor} on (the first one held, when older), at most
+        C{max_batches} of them and C{max_bytes} of records (one, whatever
+        its size); C{end} says C{next_cursor} reached the end of the log as
+        of this call.  A peer recovering this channel reads it page by page.
+
+        @raise StorageError: a record is damaged since the log was opened.
+        """
+        log = self.log
+        end = log.next_index
+        start = max(cursor, log.first_index)
+        batches = []
+        size = 0
+        next_cursor = start
+        for index, _, payload in log.read_from(start, end):
+            if batches and (len(batches) >= max_batches or size + len(payload) > max_bytes):
+                break
+            next_cursor = index + 1
+            batch = decode_batch(payload)
+            if batch is not None:
+                batches.append(batch)
+                size += len(payload)
+        else:
+            next_cursor = max(next_cursor, end)
+        return batches, next_cursor, next_cursor >= end
+
+    def add_recovered(self, batch, now):
+        """
+        Take C{batch}, a batch the log lost that peers sent back (as many
+        matching copies as the channel's fault model asks): append it to
+        the log and queue it for the subscribers as a publish would,
+        unless the log holds it, it expired, or this publisher's ids say it
+        is a duplicate or overlaps another batch.  Return what became of
+        it: C{"recovered"}, C{"held"}, C{"expired"}, C{"duplicate"},
+        C{"conflict"}, C{"bad"} or C{"failed"} (the log refused it).
+        """
+        self._now = now
+        qos = self.spec.qos
+        count = payload_count(batch[5])
+        if not count or not 0 <= batch[4] < qos.urgency_levels or not self.spec.may_publish(batch[0]):
+            return "bad"
+        key = (batch[0], batch[1])
+        if key in self._where:
+            return "held"
+        if not batch[2] + batch[3] > now:
+            return "expired"
+        if self.failed is not None:
+            return "failed"
+        ranges = self._ranges(batch[0])
+        digest = _identity(batch)
+        verdict = ranges.check(batch[1], count, digest)
+        if verdict in ("duplicate", "conflict"):
+            return verdict  # dropped by retention since, or another batch holds these ids
+        try:
+            index = self.log.append(_pack(list(batch)), now, timestamp=batch[2])
+        except StorageError as e:
+            self.logger.warn(
+                "disk channel {tag!r}: a batch recovered from peers: {error}", tag=self.tag, error=str(e),
+            )
+            return "failed"
+        if verdict == "new":
+            ranges.add(batch[1], count, digest)
+        self._keys[index] = key
+        self._where[key] = index
+        entry = (count, self._outgoing(batch), batch, batch_bytes(batch))
+        for queue in self.queues.values():
+            queue.extend((entry,))
+        self.count("recovered-from-peers", count)
+        return "recovered"
 
     # -- accepting
 
@@ -671,6 +757,17 @@ class DiskChannel(Channel):
         queue.requeue_unacked()
         return DiskStream(self, client, queue, events, nbytes)
 
+    def lookup(self, client, key):
+        """
+        Return the full batch of C{key} for C{client}'s fetch, as on any
+        channel: while the log is being recovered, a batch it lacks is not
+        answered (and counted), never made up.
+        """
+        batch = super().lookup(client, key)
+        if batch is None and self.recovering is not None:
+            self.count("fetch-while-recovering")
+        return batch
+
     # -- replay from a time
 
     def replay(self, client, since, now):
@@ -685,6 +782,13 @@ class DiskChannel(Channel):
         before its replay ended does not resume it.
         """
         queue = self.queue_of(client)
+        if self.recovering is not None:
+            raise self.refuse(
+                Status.BUSY,
+                f"channel {self.tag!r}: this replica is recovering its log from its peers and "
+                "cannot replay it yet; retry once it is done",
+                "replay-while-recovering",
+            )
         self._now = now
         first, end = self.log.first_index, self.log.next_index
         # acknowledgements that came before their batch stop it from being
@@ -903,6 +1007,7 @@ class DiskChannel(Channel):
 
     def snapshot(self, subscriber=None):
         view = super().snapshot(subscriber)
+        view["recovering"] = self.recovering is not None
         view["disk"] = {
             "fsync": self.fsync,
             "log": self.log.stats(),
@@ -913,5 +1018,6 @@ class DiskChannel(Channel):
             "replaying": sorted(
                 name for name in self.replays if subscriber is None or name == subscriber
             ),
+            "recovery": None if self.recovering is None else dict(self.recovering),
         }
         return view

@@ -24,6 +24,7 @@ from fit_broker.agreement.crypto import ReplicaCrypto
 from fit_broker.errors import ConfigError
 from fit_broker.interfaces import IJournalledOrdering, IOrderingFactory
 from fit_broker.replica.replicated_log import PEER_KINDS, ReplicatedLog, validate
+from fit_broker.replica.disk_recovery import KINDS as DISK_KINDS, DiskRecovery
 from fit_broker.replica.journal import AgreementJournal
 from fit_broker.replica.peers import PeerLinks
 from fit_broker.replica.storage_driver import DataFolder, StorageDriver
@@ -32,6 +33,8 @@ from fit_broker.credentials import replica_peer_tls
 from fit_broker.wire.framing import DEFAULT_MAX_FRAME
 
 EXPIRY_INTERVAL = 1.0
+# Seconds between two looks at disk channel recoveries (timeouts, retries).
+DISK_RECOVERY_TICK = 0.5
 # Seconds between two clock ticks of the ordering protocol.
 AGREEMENT_TICK = 0.05
 LOGGED_REFUSALS = 20
@@ -115,6 +118,8 @@ class Replica:
         self.per_client = {}
         self.warnings = RateLimitedLog(self.log, clock)
         self.replicated_log = None
+        # recovers disk channels from peers and serves theirs (L{DiskRecovery})
+        self.disk_recovery = None
         self._waiting = {}
         self._pump_call = None
 
@@ -171,12 +176,28 @@ class Replica:
             self.replicated_log.pump(self.clock.seconds())
 
     def peer_message(self, sender, kind, body):
+        if kind in DISK_KINDS:
+            if self.disk_recovery is not None:
+                self.disk_recovery.received(sender, kind, body, self.clock.seconds())
+            return
         if self.replicated_log is not None:
             self.replicated_log.received(sender, kind, body, self.clock.seconds())
 
     def tick(self):
         if self.replicated_log is not None:
             self.replicated_log.tick(self.clock.seconds())
+
+    def disk_tick(self):
+        if self.disk_recovery is not None:
+            self.disk_recovery.tick(self.clock.seconds())
+
+    def _recovered(self, tag):
+        """
+        Batches recovered from peers were logged and queued on C{tag}.
+        """
+        self._ready(tag)
+        if self.storage_driver is not None:
+            self.storage_driver.kick()
 
     def _answer(self, token, reply):
         waiting = self._waiting.pop(token, None)
@@ -375,6 +396,8 @@ class Replica:
                 }
                 if self.peers is not None:
                     full["agreement"]["links"] = self.peers.status()
+            if self.disk_recovery is not None:
+                full["disk_recovery"] = self.disk_recovery.status()
             return full
         return {**self.broker.snapshot(client), **clock}
 
@@ -415,6 +438,8 @@ def make_replica_service(
     storage = None
     if any(qos.persistence == "disk" for qos in config.classes.values()):
         storage = DataFolder(config.data_folder(index))
+        # channels whose folder is new: recovered from peers if this replica ran before
+        fresh = {tag for tag in config.channels if not os.path.isdir(storage.channel_folder(tag))}
     replica = Replica(
         config, index, reactor, schemes, keys, identify, max_connections=max_connections,
         storage=storage, **limits
@@ -441,9 +466,10 @@ def make_replica_service(
     top.peers = replica.peers = None
     orderer = None
     journal = None
+    # asked once: the first call notes that this replica has now run here
+    ran_before = (storage is not None or runs_orderer(config, keys)) and started_before(config, index)
     if runs_orderer(config, keys):
         journal = open_journal(config, index, reactor.seconds())
-        ran_before = started_before(config, index)
         orderer = make_orderer(
             config, index, keys, recovering=ran_before and journal.fresh, journal=True
         )
@@ -457,15 +483,18 @@ def make_replica_service(
             "the replicas run no ordering protocol: name administrators in [cluster] admins "
             "and give the replicas their keys (fitbroker init)"
         )
-    if orderer is not None and on_peer_message is None:
+    linked = orderer is not None or storage is not None
+    if linked and on_peer_message is None:
         on_peer_message = replica.peer_message
     if on_peer_message is not None:
         top.peers = replica.peers = PeerLinks(
             index, config, reactor, keys, replica_peer_tls(config, index), on_peer_message,
-            kinds=PEER_KINDS, **({"endpoints": peer_endpoints} if peer_endpoints else {}),
-            trust_network=orderer is not None and keys is None and config.keys_dir is None,
+            kinds=PEER_KINDS | DISK_KINDS, **({"endpoints": peer_endpoints} if peer_endpoints else {}),
+            trust_network=linked and keys is None and config.keys_dir is None,
         )
         top.peers.setServiceParent(top)
+    if storage is not None and top.peers is not None:
+        start_disk_recovery(replica, top, fresh, ran_before, reactor)
     if orderer is not None:
         peers = top.peers
 
@@ -491,6 +520,25 @@ def make_replica_service(
         ticks.clock = reactor
         ticks.setServiceParent(top)
     return top
+
+
+def start_disk_recovery(replica, top, fresh, ran_before, reactor):
+    """
+    Serve disk channels' logs to peers, and recover from them the channels
+    that lost theirs: new folders (C{fresh}) of a replica that ran before,
+    and logs whose recovery cut records.
+    """
+    peers = top.peers
+    config = replica.config
+    recovery = replica.disk_recovery = DiskRecovery(
+        replica.index, len(config.replicas), config.faults, replica.broker.channels,
+        peers.send, replica._recovered, peers.unauthenticated,
+    )
+    needed = DiskRecovery.needed(replica.broker.disk_channels(), fresh, ran_before)
+    recovery.begin(needed, reactor.seconds())
+    ticks = TimerService(DISK_RECOVERY_TICK, replica.disk_tick)
+    ticks.clock = reactor
+    ticks.setServiceParent(top)
 
 
 def open_journal(config, index, now):
