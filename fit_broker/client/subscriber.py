@@ -561,6 +561,13 @@ class Subscriber:
             return
         # skipped numbers: recorded, then acknowledged, so a restart resumes after them
         last = items[-1]
+        lost = sum(item.end - item.seq for item in items if item.note == "lost")
+        if lost:
+            self.log.warn(
+                "{tag}: {count} event(s) (seq {first}..{last}) were lost: the replicas restarted "
+                "and no longer hold them", tag=stream.tag, count=lost, first=items[0].seq,
+                last=last.end - 1,
+            )
         if stream.record is not None:
             try:
                 stream.record.skipped(last.position, last.end - 1)
