@@ -12,6 +12,8 @@ from zope.interface.verify import verifyObject
 
 from fit_broker.interfaces import IStorage
 from fit_broker.storage import FakeStorage, FileStorage, StorageError
+from fit_broker.storage import files as files_module
+from fit_broker.storage.files import sync_many
 
 
 @pytest.fixture(params=["file", "fake"])
@@ -226,3 +228,71 @@ def test_fake_damage_reaches_synced_bytes():
     assert store.read("a", 0, 100) == b"abcdXYZh"
     store.crash()
     assert store.read("a", 0, 100) == b"abcdXY"
+
+
+def _syncfs_storages(tmp_path, count):
+    stores = [FileStorage(tmp_path / f"s{k}") for k in range(count)]
+    if any(store.syncfs_fd is None for store in stores):
+        for store in stores:
+            store.close()
+        pytest.skip("syncfs cannot be trusted on this system or file system")
+    return stores
+
+
+def test_sync_many_uses_one_syncfs_for_files_of_one_file_system(tmp_path, monkeypatch):
+    """sync_many makes several new files of one file system durable with a single syncfs, no fdatasync and no folder sync."""
+    stores = _syncfs_storages(tmp_path, 4)
+    calls = {"syncfs": 0, "fdatasync": 0}
+    real_syncfs = files_module._syncfs
+    monkeypatch.setattr(files_module, "_syncfs", lambda fd: (calls.__setitem__("syncfs", calls["syncfs"] + 1), real_syncfs(fd))[1])
+    monkeypatch.setattr(files_module, "_datasync", lambda fd: calls.__setitem__("fdatasync", calls["fdatasync"] + 1))
+    for store in stores:
+        store.append("seg", b"x" * 100)
+    assert sync_many([(store, "seg") for store in stores]) == [None] * 4
+    assert calls == {"syncfs": 1, "fdatasync": 0}
+    assert all(not store._created for store in stores)
+    for store in stores:
+        store.close()
+
+
+def test_sync_many_syncs_few_files_and_fakes_one_by_one(tmp_path, monkeypatch):
+    """Below SYNCFS_MIN_FILES, and for storages without a file system of their own, sync_many calls each storage's sync."""
+    store = FileStorage(tmp_path / "s")
+    fake = FakeStorage()
+    monkeypatch.setattr(files_module, "_syncfs", lambda fd: pytest.fail("syncfs for two files"))
+    store.append("a", b"1")
+    fake.append("b", b"2")
+    fake.append("c", b"3")
+    assert sync_many([(store, "a"), (fake, "b"), (fake, "c")]) == [None, None, None]
+    assert fake.durable("b") == b"2" and fake.durable("c") == b"3"
+    assert not store._created
+    store.close()
+
+
+def test_sync_many_finds_which_file_failed_after_a_failed_syncfs(tmp_path, monkeypatch):
+    """When syncfs reports a write-back error, each file is synced on its own and only the one whose fdatasync fails gets an error."""
+    stores = _syncfs_storages(tmp_path, 5)
+    for store in stores:
+        store.append("seg", b"x")
+    bad = stores[2]._handle("seg")
+    monkeypatch.setattr(files_module, "_syncfs", lambda fd: -1)
+
+    def datasync(fd):
+        if fd == bad:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(files_module, "_datasync", datasync)
+    errors = sync_many([(store, "seg") for store in stores])
+    assert [e is None for e in errors] == [True, True, False, True, True]
+    assert isinstance(errors[2], StorageError) and errors[2].errno == errno.EIO
+    assert "Input/output error" in str(errors[2]) and "\n" not in str(errors[2])
+    for store in stores:
+        store.close()
+
+
+def test_syncfs_is_not_trusted_before_linux_5_8(monkeypatch):
+    """On a kernel whose syncfs reports no write-back errors, or off Linux, sync_many never uses it."""
+    monkeypatch.setattr(files_module.os, "uname", lambda: os.uname_result(("Linux", "h", "5.4.0-99-generic", "", "x86_64")))
+    assert files_module._load_syncfs() is None
+    monkeypatch.setattr(files_module.sys, "platform", "darwin")
+    assert files_module._load_syncfs() is None
