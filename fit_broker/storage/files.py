@@ -194,11 +194,12 @@ class FileStorage:
 
     def append(self, name, data):
         fd = self._handle(name, create=True)
-        view = memoryview(data)
         try:
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            written = os.write(fd, data)
+            if written < len(data):  # rare: a signal, or a nearly full disk
+                view = memoryview(data)[written:]
+                while view:
+                    view = view[os.write(fd, view):]
         except OSError as e:
             raise _error("append to", self._path(name), e) from None
 

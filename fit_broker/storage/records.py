@@ -37,12 +37,17 @@ def checksum(length, timestamp, payload):
     return crc32c(payload, crc32c(_COVERED.pack(length, timestamp)))
 
 
+_pack_header = HEADER.pack
+_pack_covered = _COVERED.pack
+
+
 def encode(payload, timestamp):
     """
     Return one record holding C{payload}, stamped C{timestamp}.
     """
     length = len(payload)
-    return HEADER.pack(length, checksum(length, timestamp, payload), timestamp) + payload
+    crc = crc32c(payload, crc32c(_pack_covered(length, timestamp)))
+    return _pack_header(length, crc, timestamp) + payload
 
 
 class Reader:

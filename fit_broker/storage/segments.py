@@ -328,13 +328,14 @@ class SegmentLog:
         return seg
 
     def _encode(self, payload, now, timestamp):
-        length = len(payload)
-        if length > self.max_record_bytes:
-            raise ValueError(f"record of {length} bytes is over the {self.max_record_bytes}-byte limit")
+        if type(payload) is not bytes:
+            payload = bytes(payload)
+        if len(payload) > self.max_record_bytes:
+            raise ValueError(f"record of {len(payload)} bytes is over the {self.max_record_bytes}-byte limit")
         timestamp = now if timestamp is None else float(timestamp)
         if not math.isfinite(timestamp):
             raise ValueError(f"record timestamp must be finite, not {timestamp}")
-        return encode(bytes(payload), timestamp), timestamp
+        return encode(payload, timestamp), timestamp
 
     def _write(self, seg, record):
         """
@@ -360,22 +361,24 @@ class SegmentLog:
         @raise StorageError: the storage refused (C{.full} for a full disk);
             nothing of the record stays and the log goes on.
         """
-        self._check_usable()
+        if self.failed is not None or self.closed or self.recovery is None:
+            self._check_usable()
         record, timestamp = self._encode(payload, now, timestamp)
+        size = len(record)
         seg = self._segments[-1] if self._segments else None
-        if seg is None or (seg.size and seg.size + len(record) > self.segment_bytes):
+        if seg is None or (seg.size and seg.size + size > self.segment_bytes):
             seg = self._roll(now)
         self._write(seg, record)
         index = seg.end
-        seg.add(seg.size, len(record), timestamp)
+        seg.add(seg.size, size, timestamp)
         self.next_index = index + 1
-        self.size_bytes += len(record)
+        self.size_bytes += size
         self.appended_records += 1
-        self.appended_bytes += len(record)
+        self.appended_bytes += size
         if not self._unsynced:
             self._unsynced_since = now
         self._unsynced += 1
-        self._unsynced_bytes += len(record)
+        self._unsynced_bytes += size
         return index
 
     def pending_sync(self):
