@@ -396,6 +396,9 @@ class Replica:
                 }
                 if self.peers is not None:
                     full["agreement"]["links"] = self.peers.status()
+                journal = self.replicated_log.journal
+                if journal is not None:
+                    full["agreement"]["journal"] = journal.stats()
             if self.disk_recovery is not None:
                 full["disk_recovery"] = self.disk_recovery.status()
             return full
