@@ -87,12 +87,19 @@ MODES = {
     "cft-ordered": Mode(qop="cft", scheme="si", ordering="channel"),
     "bft-ordered": Mode(qop="bft", scheme="ha", ordering="channel"),
     "bft-ordered-global": Mode(qop="bft", scheme="ha", ordering="global"),
-    # Disk channels (unordered classes only): each replica logs every batch
-    # it accepts into its data folder, inside the point's folder.
+    # Disk channels: each replica logs every batch it accepts into its data
+    # folder, inside the point's folder (ordered ones also their decided
+    # entries and acknowledgements).
     "cft-disk-always": Mode(qop="cft", scheme="si", persistence="disk", fsync="always"),
     "cft-disk-interval": Mode(qop="cft", scheme="si", persistence="disk", fsync="interval"),
     "cft-disk-never": Mode(qop="cft", scheme="si", persistence="disk", fsync="never"),
     "bft-disk-always": Mode(qop="bft", scheme="ha", persistence="disk", fsync="always"),
+    "cft-ordered-disk-always": Mode(
+        qop="cft", scheme="si", ordering="channel", persistence="disk", fsync="always"
+    ),
+    "bft-ordered-disk-always": Mode(
+        qop="bft", scheme="ha", ordering="channel", persistence="disk", fsync="always"
+    ),
 }
 
 DATA_DIR = "data"
