@@ -91,6 +91,27 @@ def folder_name(tag):
     return "ch-" + escaped
 
 
+def storage_refusal(channel, error):
+    """
+    Return the refusal of a publish on C{channel} that its storage could
+    not take: C{disk-full} (retry later, nothing was dropped) or
+    C{storage-failed} (the replica must restart).
+    """
+    if error.full:
+        return channel.refuse(
+            DISK_FULL,
+            f"channel {channel.tag!r}: the replica's disk is full ({error}); "
+            "nothing acknowledged was dropped, retry once there is room",
+            "disk-full",
+        )
+    return channel.refuse(
+        STORAGE_FAILED,
+        f"channel {channel.tag!r}: the replica's storage failed ({error}); "
+        "the replica must be restarted to recover its log",
+        "storage-failed",
+    )
+
+
 def _unpack(payload):
     return msgpack.unpackb(payload, raw=False, use_list=False, strict_map_key=True)
 
@@ -484,19 +505,7 @@ class DiskChannel(Channel):
     # -- accepting
 
     def _refusal(self, error):
-        if error.full:
-            return self.refuse(
-                DISK_FULL,
-                f"channel {self.tag!r}: the replica's disk is full ({error}); "
-                "nothing acknowledged was dropped, retry once there is room",
-                "disk-full",
-            )
-        return self.refuse(
-            STORAGE_FAILED,
-            f"channel {self.tag!r}: the replica's storage failed ({error}); "
-            "the replica must be restarted to recover its log",
-            "storage-failed",
-        )
+        return storage_refusal(self, error)
 
     def apply(self, client, checked, now):
         """

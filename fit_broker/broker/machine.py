@@ -112,32 +112,14 @@ class BrokerStateMachine:
         self._replays = OrderedDict()
 
     def _channel(self, spec):
-        if spec.qos.persistence == "disk" and spec.qos.ordering != "none":
-            return OrderedDiskChannel(
-                spec,
-                self.schemes(spec.scheme),
-                self.keys,
-                self.config.max_clock_skew,
-                light_copies=self._light_copies(spec, self.replica_index),
-                storage=None if self.storage is None else self.storage(spec.tag),
-            )
-        if spec.qos.persistence == "disk" and spec.qos.ordering == "none":
-            return DiskChannel(
-                spec,
-                self.schemes(spec.scheme),
-                self.keys,
-                self.config.max_clock_skew,
-                light_copies=self._light_copies(spec, self.replica_index),
-                storage=None if self.storage is None else self.storage(spec.tag),
-            )
-        kind = OrderedChannel if spec.qos.ordering != "none" else Channel
-        return kind(
-            spec,
-            self.schemes(spec.scheme),
-            self.keys,
-            self.config.max_clock_skew,
-            light_copies=self._light_copies(spec, self.replica_index),
-        )
+        ordered = spec.qos.ordering != "none"
+        options = {"light_copies": self._light_copies(spec, self.replica_index)}
+        if spec.qos.persistence == "disk":
+            kind = OrderedDiskChannel if ordered else DiskChannel
+            options["storage"] = None if self.storage is None else self.storage(spec.tag)
+        else:
+            kind = OrderedChannel if ordered else Channel
+        return kind(spec, self.schemes(spec.scheme), self.keys, self.config.max_clock_skew, **options)
 
     def _light_copies(self, spec, replica_index):
         """

@@ -33,13 +33,12 @@ import msgpack
 from twisted.logger import Logger
 
 from fit_broker.broker.disk_channel import (
-    DISK_FULL,
     LOG_BYTES_FACTOR,
     MAX_SEGMENT_BYTES,
     MIN_SEGMENT_BYTES,
     SEGMENTS_PER_LOG,
-    STORAGE_FAILED,
     decode_batch,
+    storage_refusal,
 )
 from fit_broker.broker.ordered import EXPIRED, QUEUED, SEQ, STATE, ref_key
 from fit_broker.broker.ordered_channel import OrderedChannel
@@ -159,19 +158,7 @@ class OrderedDiskChannel(OrderedChannel):
     # -- storage errors
 
     def _refusal(self, error):
-        if error.full:
-            return self.refuse(
-                DISK_FULL,
-                f"channel {self.tag!r}: the replica's disk is full ({error}); "
-                "nothing acknowledged was dropped, retry once there is room",
-                "disk-full",
-            )
-        return self.refuse(
-            STORAGE_FAILED,
-            f"channel {self.tag!r}: the replica's storage failed ({error}); "
-            "the replica must be restarted to recover its log",
-            "storage-failed",
-        )
+        return storage_refusal(self, error)
 
     def _record(self, record, now):
         try:
