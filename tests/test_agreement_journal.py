@@ -34,39 +34,31 @@ def test_synced_records_survive_a_power_loss_and_unsynced_ones_do_not():
     assert again.damaged is None and not again.fresh
 
 
-def test_a_durable_base_lets_the_records_before_it_go():
+def test_a_durable_base_lets_the_records_before_it_go(monkeypatch):
     """Once a base record (a stable checkpoint) is synced, the segments before it are dropped, and a reopened journal starts at or before the base."""
     storage = FakeStorage()
-    original = journal_module.SEGMENT_BYTES
-    journal_module.SEGMENT_BYTES = 200
-    try:
-        journal = AgreementJournal(storage)
-        for i in range(20):
-            journal.append([(False, b"old-%02d" % i + b"x" * 40)], 1.0)
-        journal.append([(True, b"base"), (False, b"after")], 2.0)
-        journal.sync(2.0)
-    finally:
-        journal_module.SEGMENT_BYTES = original
+    monkeypatch.setattr(journal_module, "SEGMENT_BYTES", 200)
+    journal = AgreementJournal(storage)
+    for i in range(20):
+        journal.append([(False, b"old-%02d" % i + b"x" * 40)], 1.0)
+    journal.append([(True, b"base"), (False, b"after")], 2.0)
+    journal.sync(2.0)
     records = AgreementJournal(storage).records
     assert records[-2:] == [b"base", b"after"]
     assert len(records) < 10
 
 
-def test_a_damaged_older_segment_makes_the_journal_fresh_and_empty():
+def test_a_damaged_older_segment_makes_the_journal_fresh_and_empty(monkeypatch):
     """A byte flipped in an older segment cannot be told from a good record: the journal is dropped, reported damaged, and the replica starts as one that forgot its votes."""
     storage = FakeStorage()
-    original = journal_module.SEGMENT_BYTES
-    journal_module.SEGMENT_BYTES = 100
-    try:
-        journal = AgreementJournal(storage)
-        for i in range(10):
-            journal.append([(False, b"record-%d" % i + b"y" * 30)], 1.0)
-        journal.sync(1.0)
-        first = sorted(storage.files())[0]
-        storage.damage(first, 20, b"\xff")
-        again = AgreementJournal(storage)
-    finally:
-        journal_module.SEGMENT_BYTES = original
+    monkeypatch.setattr(journal_module, "SEGMENT_BYTES", 100)
+    journal = AgreementJournal(storage)
+    for i in range(10):
+        journal.append([(False, b"record-%d" % i + b"y" * 30)], 1.0)
+    journal.sync(1.0)
+    first = sorted(storage.files())[0]
+    storage.damage(first, 20, b"\xff")
+    again = AgreementJournal(storage)
     assert again.damaged is not None and again.fresh
     assert again.records == []
 

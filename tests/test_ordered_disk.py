@@ -130,19 +130,31 @@ def _run(net, seconds):
     net.run(seconds=seconds)
 
 
+def _disk_net(qop, replicas, fsync, clients, **options):
+    """
+    A simulated cluster with one ordered disk channel, journals and disks
+    that outlive restarts, and C{console} subscribed to it: return the
+    net, the console's session and the list its events go to.
+    """
+    config = cluster_config(
+        ("events",), replicas=replicas, qop=qop, keys_dir="keys", ordering="channel",
+        persistence="disk", fsync=fsync, clients=clients,
+    )
+    net = SimNet(config, journals=True, disks=True, **options)
+    console = net.client("console")
+    got = []
+    d = console.subscriber.subscribe("events", got.extend)
+    _run(net, 0.5)
+    assert d.called and d.result.ok
+    return net, console, got
+
+
 @pytest.mark.parametrize("qop, replicas", [("bft", 4), ("cft", 3)])
 def test_every_acknowledged_event_survives_every_replica_losing_power(qop, replicas):
     """A subscriber away while 15 events are acknowledged, then every replica losing power at once and restarting: the subscriber gets each of them once, in one gapless order, and the log reuses no position."""
-    config = cluster_config(
-        ("events",), replicas=replicas, qop=qop, keys_dir="keys", ordering="channel",
-        persistence="disk", fsync="always", clients=("probe", "console"),
+    net, console, first = _disk_net(
+        qop, replicas, "always", ("probe", "console"), orderer_options={"checkpoint_interval": 4}
     )
-    net = SimNet(config, journals=True, disks=True, orderer_options={"checkpoint_interval": 4})
-    console = net.client("console")
-    first = []
-    d = console.subscriber.subscribe("events", first.extend)
-    _run(net, 0.5)
-    assert d.called and d.result.ok
     publisher = net.client("probe")
     acked = []
     for i in range(5):
@@ -184,16 +196,7 @@ def test_every_acknowledged_event_survives_every_replica_losing_power(qop, repli
 @pytest.mark.parametrize("qop, replicas", [("bft", 4), ("cft", 3)])
 def test_an_ordered_disk_channel_replays_from_a_position_and_from_a_time(qop, replicas):
     """A first subscription asking for position 1 gets every retained entry, acknowledged by others or not; a subscriber that had everything asks again from a time and gets, once each and in order, exactly the entries from the first one stamped at or after it."""
-    config = cluster_config(
-        ("events",), replicas=replicas, qop=qop, keys_dir="keys", ordering="channel",
-        persistence="disk", fsync="interval", clients=("probe", "console", "console2"),
-    )
-    net = SimNet(config, journals=True, disks=True)
-    console = net.client("console")
-    got = []
-    d = console.subscriber.subscribe("events", got.extend)
-    _run(net, 0.5)
-    assert d.called and d.result.ok
+    net, console, got = _disk_net(qop, replicas, "interval", ("probe", "console", "console2"))
     publisher = net.client("probe")
     stamps = []
     for i in range(10):
