@@ -417,3 +417,43 @@ def test_a_missing_batch_is_not_asked_for_after_its_ttl_nor_kept_for_a_removed_c
     found = a.serve_peer_fetch([(w[1], w[2], w[3]) for w in b.missing_to_fetch(NOW)])
     del b.channels["events"]
     assert b.peer_fetched(found) == 0 and not b.missing
+
+
+@pytest.mark.parametrize("persistence", ["memory", "disk"])
+def test_hostile_resume_options_are_capped_and_never_crash(persistence):
+    """A subscriber's resume claims (a position past the log, a huge or negative sequence number, wrong types, a replay from a bad time) are capped or refused in one line, never a traceback; an honest claim below the queue's start gets one lost tombstone."""
+    m = machine(persistence=persistence)
+    log = Log(m)
+    subscribe(m, log)
+    for i in range(1, 4):
+        publish(m, [event(i)], seq=10 + i, token=f"p{i}")
+        log.decide(m.take_proposals())
+    queue = m.channels["events"].queues["console"]
+    queue.floor = 3  # as after a restart that lost what it queued
+    hostile = [
+        {"from": 2**64 - 1, "from_seq": 2**63},
+        {"from": -5, "from_seq": -1},
+        {"from": "one", "from_seq": "two"},
+        {"from": 1.5, "from_seq": None},
+        {"from_time": "yesterday"},
+        {"from_time": float("nan")},
+    ]
+    for number, options in enumerate(hostile):
+        reply = m.handle(
+            "console", Request(30 + number, "subscribe", "events", options={"stream": True, **options}),
+            NOW, f"h{number}",
+        )
+        assert reply is not None
+        if "from_time" in options:
+            assert reply.status == "bad-request" and "\n" not in reply.text, reply
+        else:
+            assert reply.ok, reply
+    assert not any(entry[3] == "lost" for entry in queue.entries)
+    reply = m.handle(
+        "console", Request(40, "subscribe", "events", options={"stream": True, "from": 1, "from_seq": 1}),
+        NOW, "honest",
+    )
+    assert reply.ok
+    queue = m.channels["events"].queues["console"]
+    lost = [entry for entry in queue.entries if entry[3] == "lost"]
+    assert len(lost) == 1 and lost[0][1] == 1 and lost[0][4] == 2

@@ -364,8 +364,10 @@ class BrokerStateMachine:
                 replay = replay if replay["entries"] else None
         seq = options.get("from_seq")
         position = options.get("from")
+        if type(position) is not int or not 1 <= position <= self.state.position:
+            position = 1  # a client's claim, capped to what the log holds
         if type(seq) is int and seq >= 1 and REPLAY_FROM not in options:
-            channel.lost_before(client, seq, position if type(position) is int else 1)
+            channel.lost_before(client, seq, position)
         return replay
 
     def _verify_key(self, admin):

@@ -313,6 +313,8 @@ class OrderedDiskChannel(OrderedChannel):
         for seq, (_, entry_position, ref, note) in self._entries.items():
             if entry_position >= position or (seq >= self._starts.get(client, 0) and seq not in acked):
                 fresh.append(entry_position, seq, ref, note)
+        floors = [f for f in (queue.floor, fresh.entries[0][SEQ] if fresh.entries else None) if f is not None]
+        fresh.floor = min(floors) if floors else None
         self.queues[client] = fresh
         self.count("replays")
         self.count("replayed", len(wanted))
