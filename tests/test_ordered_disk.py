@@ -10,7 +10,7 @@ from fit_broker.broker.ordered import batch_ref
 from fit_broker.broker.ordered_disk_channel import OrderedDiskChannel
 from fit_broker.schemes.registry import scheme_lookup
 from fit_broker.storage import FakeStorage
-from fit_broker.units import batch_digest
+from fit_broker.units import batch_digest, pack_contents
 from tests.simnet import SimNet, cluster_config
 
 NOW = 1_800_000_000.0
@@ -27,7 +27,7 @@ def _channel(config, storages):
 
 
 def _batch(first_id, text=b"x", ttl=60.0):
-    return ("probe", first_id, NOW, ttl, 0, text, b"")
+    return ("probe", first_id, NOW, ttl, 0, pack_contents([text]), b"")
 
 
 def _apply(channel, batches, position=0, seq=0):
@@ -91,20 +91,41 @@ def test_unsynced_bodies_are_lost_under_never_and_kept_under_always():
 
 
 def test_a_full_disk_refuses_the_publish_and_keeps_what_was_held():
-    """A body the disk has no room for refuses its publish with disk-full; what the channel held before stays."""
+    """A body the disk has no room for refuses its publish with disk-full, so it is never announced; a batch fetched from a peer meanwhile is held in memory without raising; what the channel held before stays."""
     from fit_broker.broker.channel import Refused
 
     config = _config()
     storages = (FakeStorage(), FakeStorage())
     channel = _channel(config, storages)
     first = _batch(1)
-    channel.keep(first, batch_digest(first))
+    assert len(channel.admit_refs("probe", (first,), NOW)) == 1
     storages[0].full_after(0)
     with pytest.raises(Refused) as refused:
-        channel.keep(_batch(2), batch_digest(_batch(2)))
+        channel.admit_refs("probe", (_batch(2),), NOW)
     assert refused.value.status == "disk-full"
+    fetched = _batch(3)
+    channel.keep(fetched, batch_digest(fetched))
+    assert channel.holds(batch_ref("events", fetched, batch_digest(fetched)))
     assert channel.holds(batch_ref("events", first, batch_digest(first)))
-    assert channel.counters["body-log-failed"] == 1
+    assert channel.counters["body-log-failed"] == 2 and channel.failed is None
+
+
+def test_acknowledging_a_lost_tombstone_logs_no_number_it_names():
+    """A lost tombstone's span comes from the subscriber's own resume claim: acknowledging it logs nothing, however far it reaches, and the entries the log holds stay acknowledged one by one."""
+    config = _config()
+    channel = _channel(config, (FakeStorage(), FakeStorage()))
+    channel.subscribe("console", True)
+    channel.subscribed("console", 1)
+    _apply(channel, [_batch(1)])
+    queue = channel.queues["console"]
+    queue.floor = 10**12
+    assert channel.lost_before("console", 1, 1) == 10**12 - 1
+    records = channel.entry_log.next_index
+    channel.acknowledge("console", [("~lost", 1)])
+    assert channel.entry_log.next_index == records
+    assert not channel._acked["console"]
+    channel.acknowledge("console", [("probe", 1)])
+    assert channel._acked["console"] == {1}
 
 
 def test_acknowledged_entries_leave_the_entry_log():

@@ -34,9 +34,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from fit_broker.broker.channel import DEDUP_WINDOW, Channel, _identity
-from fit_broker.broker.queue import ACKED_AHEAD_WINDOW, OutputQueue
+from fit_broker.broker.queue import OutputQueue
 from fit_broker.broker.stream import Stream
-from fit_broker.dedup import RecentIds
 from fit_broker.errors import Status
 from fit_broker.interfaces import IStorage
 from fit_broker.storage import FakeStorage, SegmentLog, StorageError
@@ -89,6 +88,15 @@ def folder_name(tag):
         digest = hashlib.sha256(tag.encode("utf-8", "surrogatepass")).hexdigest()[:24]
         escaped = f"{escaped[:120]}~{digest}"
     return "ch-" + escaped
+
+
+def log_bounds(qos):
+    """
+    Return C{(bytes, segment bytes)}: how much a disk channel of class
+    C{qos} keeps in its batch log, and the size of its segments.
+    """
+    limit = qos.max_bytes * LOG_BYTES_FACTOR
+    return limit, min(MAX_SEGMENT_BYTES, max(MIN_SEGMENT_BYTES, limit // SEGMENTS_PER_LOG))
 
 
 def storage_refusal(channel, error):
@@ -291,10 +299,9 @@ class DiskChannel(Channel):
         qos = spec.qos
         self.fsync = qos.fsync
         interval = qos.fsync_interval / 1000.0
-        self.log_limit = qos.max_bytes * LOG_BYTES_FACTOR
+        self.log_limit, segment = log_bounds(qos)
         self.drop_oldest = qos.overflow == "drop-oldest"
         self._stores = (SyncLater(storage[0]), SyncLater(storage[1]))
-        segment = min(MAX_SEGMENT_BYTES, max(MIN_SEGMENT_BYTES, self.log_limit // SEGMENTS_PER_LOG))
         self.log = SegmentLog(
             self._stores[0], segment_bytes=segment, fsync=self.fsync, interval=interval,
             max_age=qos.ttl,
@@ -802,7 +809,7 @@ class DiskChannel(Channel):
         first, end = self.log.first_index, self.log.next_index
         # acknowledgements that came before their batch stop it from being
         # queued; the subscriber now asks for such batches again
-        queue._acked_ahead = RecentIds(ACKED_AHEAD_WINDOW, floors=False)
+        queue.forget_acked_ahead()
         self.replays[client] = Replay(since, first, end, self.log.read_from(first, end))
         self.count("replays")
         self.logger.info(

@@ -32,15 +32,8 @@ from collections import OrderedDict
 import msgpack
 from twisted.logger import Logger
 
-from fit_broker.broker.disk_channel import (
-    LOG_BYTES_FACTOR,
-    MAX_SEGMENT_BYTES,
-    MIN_SEGMENT_BYTES,
-    SEGMENTS_PER_LOG,
-    decode_batch,
-    storage_refusal,
-)
-from fit_broker.broker.ordered import EXPIRED, QUEUED, SEQ, STATE, ref_key
+from fit_broker.broker.disk_channel import decode_batch, log_bounds, storage_refusal
+from fit_broker.broker.ordered import EXPIRED, LOST, NOTE, QUEUED, SEQ, SPAN, STATE, ref_key
 from fit_broker.broker.ordered_channel import OrderedChannel
 from fit_broker.storage import FakeStorage, SegmentLog, StorageError
 from fit_broker.units import batch_digest
@@ -79,9 +72,8 @@ class OrderedDiskChannel(OrderedChannel):
         qos = spec.qos
         self.fsync = qos.fsync
         interval = qos.fsync_interval / 1000.0
-        self.log_limit = qos.max_bytes * LOG_BYTES_FACTOR
+        self.log_limit, segment = log_bounds(qos)
         self.storages = storage
-        segment = min(MAX_SEGMENT_BYTES, max(MIN_SEGMENT_BYTES, self.log_limit // SEGMENTS_PER_LOG))
         self.body_log = SegmentLog(
             storage[0], segment_bytes=segment, fsync=self.fsync, interval=interval,
             max_bytes=self.log_limit, max_age=qos.ttl + max_clock_skew,
@@ -91,6 +83,8 @@ class OrderedDiskChannel(OrderedChannel):
             max_bytes=0,
         )
         self.failed = None
+        self._body_error = None  # what the body log refused during an admission
+        self._now = 0.0  # the latest time a caller gave
         self.logged_seq = 0  # the highest sequence number the entry log holds
         self._entries = OrderedDict()  # seq -> (index, position, ref, note), in seq order
         self._starts = {}  # client -> the first seq its queue may hold
@@ -171,23 +165,34 @@ class OrderedDiskChannel(OrderedChannel):
     # -- before the log
 
     def admit_refs(self, client, batches, now):
+        """
+        Admit a publish, its bodies logged; a body the log refuses (a full
+        disk, failed storage) refuses the publish, so it is never announced.
+        """
         if self.failed is not None:
             raise self._refusal(self.failed)
         self._now = now
-        return super().admit_refs(client, batches, now)
+        self._body_error = None
+        refs = super().admit_refs(client, batches, now)
+        if self._body_error is not None:
+            raise self._refusal(self._body_error)
+        return refs
 
     def keep(self, batch, digest):
+        """
+        Hold C{batch}, logging it first.  A body the log refuses is still
+        held in memory (a batch fetched from a peer serves subscribers
+        anyway); an admission then refuses its publish.
+        """
         key = (batch[0], batch[1])
-        if key in self.bodies or self.failed is not None:
-            return super().keep(batch, digest)
-        try:
-            self.body_log.append(_pack(list(batch)), getattr(self, "_now", 0.0), timestamp=batch[2])
-        except StorageError as e:
-            self.count("body-log-failed")
-            if e.full:
-                raise self._refusal(e) from None
-            self.failed = e
-            raise self._refusal(e) from None
+        if key not in self.bodies and self.failed is None:
+            try:
+                self.body_log.append(_pack(list(batch)), self._now, timestamp=batch[2])
+            except StorageError as e:
+                self.count("body-log-failed")
+                self._body_error = e
+                if not e.full:
+                    self.failed = e
         super().keep(batch, digest)
 
     def sync_bodies(self, now):
@@ -234,13 +239,10 @@ class OrderedDiskChannel(OrderedChannel):
             return
         super().apply(ref, position, seq, decided_at)
         note = "" if ref[6] + ref[7] > decided_at else EXPIRED
-        index = self._record(["e", position, seq, list(ref), note], self._now_or(decided_at))
+        index = self._record(["e", position, seq, list(ref), note], self._now or decided_at)
         self.logged_seq = seq
         if index is not None:
             self._entries[seq] = (index, position, ref, note)
-
-    def _now_or(self, fallback):
-        return getattr(self, "_now", fallback) or fallback
 
     def subscribed(self, client, next_seq):
         super().subscribed(client, next_seq)
@@ -258,7 +260,7 @@ class OrderedDiskChannel(OrderedChannel):
             return  # replayed from the agreement journal
         self._starts[client] = seq
         self._acked[client] = set()
-        self._record(["s", client, seq], self._now_or(0.0))
+        self._record(["s", client, seq], self._now)
 
     def unsubscribe(self, client):
         self._starts.pop(client, None)
@@ -277,11 +279,12 @@ class OrderedDiskChannel(OrderedChannel):
         index = queue._index
         for key in keys:
             entry = index.get(key)
-            if entry is not None:
-                seqs.extend(range(entry[SEQ], entry[SEQ] + entry[4]))
+            # a lost tombstone's span is the subscriber's claim, and names no logged entry
+            if entry is not None and entry[NOTE] != LOST:
+                seqs.extend(range(entry[SEQ], entry[SEQ] + entry[SPAN]))
         if seqs:
             self._acked.setdefault(client, set()).update(seqs)
-            self._record(["a", client, seqs], self._now_or(0.0))
+            self._record(["a", client, seqs], self._now)
         return queue.ack(keys, delivered)
 
     # -- replay

@@ -112,6 +112,13 @@ class OutputQueue(BoundedQueue):
         self._acked_ahead = RecentIds(ACKED_AHEAD_WINDOW, floors=False)
         self.counters["acked-ahead"] = 0
 
+    def forget_acked_ahead(self):
+        """
+        Forget acknowledgements that came before their batch, so that such
+        batches are queued when they come (the subscriber asks for them again).
+        """
+        self._acked_ahead = RecentIds(ACKED_AHEAD_WINDOW, floors=False)
+
     def extend(self, entries):
         """
         Append C{(count, outgoing, full, bytes)} entries, their urgency

@@ -46,10 +46,7 @@ class AgreementJournal:
         self.failed = None
         self.damaged = None
         self._base = None
-        self.segments = SegmentLog.open(
-            storage, fsync="always", segment_bytes=SEGMENT_BYTES, max_bytes=0,
-            max_record_bytes=MAX_RECORD_BYTES,
-        )
+        self.segments = self._open_segments()
         recovery = self.segments.recovery
         records = []
         if recovery.lost:
@@ -80,16 +77,20 @@ class AgreementJournal:
         existed = os.path.isdir(folder)
         return cls(FileStorage(folder), now, existed)
 
+    def _open_segments(self):
+        # max_bytes=0: trim() keeps only the segments from the last durable base on
+        return SegmentLog.open(
+            self.storage, fsync="always", segment_bytes=SEGMENT_BYTES, max_bytes=0,
+            max_record_bytes=MAX_RECORD_BYTES,
+        )
+
     def _discard(self, now):
         """
         Drop every record: damaged records cannot be told from good ones.
         """
         for name in list(self.storage.files()):
             self.storage.delete(name)
-        self.segments = SegmentLog.open(
-            self.storage, fsync="always", segment_bytes=SEGMENT_BYTES, max_bytes=0,
-            max_record_bytes=MAX_RECORD_BYTES,
-        )
+        self.segments = self._open_segments()
 
     def append(self, entries, now):
         """
