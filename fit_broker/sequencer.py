@@ -24,6 +24,9 @@ from fit_broker.voters import FETCH_DELAY, MAX_WANTED, REFETCH_INTERVAL, CreditA
 ORDERED_SCOPES = ("channel", "global")
 # Seconds between two reopenings of one replica's stream.
 REOPEN_INTERVAL = 2.0
+# Seconds a subscriber without a start waits for n-f replicas' streams
+# before it starts at the earliest number offered so far.
+START_WAIT = 1.0
 # The tombstone note of numbers a replica no longer holds for this
 # subscriber (fit_broker.broker.ordered.LOST).
 LOST = "lost"
@@ -158,6 +161,9 @@ class OrderedVoter(CreditAndAcks):
         self._reopened = {}
         self._slots = {}
         self._starts = {}
+        self._candidates = set()  # numbers that could start the voter
+        self._offerers = set()  # replicas that offered copies before the start
+        self._first_offer = None
         self._wanted = {}
         self._wanted_keys = {}
         self._offered = False
@@ -193,6 +199,8 @@ class OrderedVoter(CreditAndAcks):
         sender now (it was never delivered, so no record waits for it).
         """
         self._starts.clear()
+        self._candidates.clear()
+        self._offerers.clear()
         for pair in self._pass(seq):
             if pair[0] is not None:
                 self._acks.append(pair)
@@ -206,6 +214,10 @@ class OrderedVoter(CreditAndAcks):
         if copies is None:
             copies = self._copies[replica] = deque()
             self._held[replica] = [0, 0]
+        if self.next_seq is None and entries:
+            self._offerers.add(replica)
+            if self._first_offer is None:
+                self._first_offer = now
         for index, entry in enumerate(entries):
             cost = costs[index] if costs is not None else entry_cost(entry[2], entry[3])
             self._take(replica, copies, entry, cost[0], cost[1], now)
@@ -277,7 +289,7 @@ class OrderedVoter(CreditAndAcks):
                 starters = self._starts.setdefault(seq, set())
                 starters.add(replica)
                 if len(starters) >= self.needed:
-                    self._start(seq, now)
+                    self._candidates.add(seq)
             return
         slot = self._slots.get(seq)
         if slot is None:
@@ -290,16 +302,36 @@ class OrderedVoter(CreditAndAcks):
             slot.fulls[digest] = full
         if len(voters) >= self.needed:
             if self.next_seq is None:
-                self._start(seq, now)
+                self._candidates.add(seq)
             if digest not in slot.fulls:
                 self._want(seq, key, digest, now + FETCH_DELAY, now)
 
     # -- deciding ----------------------------------------------------------
 
+    def _maybe_start(self, now):
+        """
+        Without a start, begin at the earliest number enough copies agree
+        on, once n-f replicas offered their streams or L{START_WAIT} passed:
+        a replica that lags, or caught up by state transfer, may hold only
+        later numbers, and starting at its first would skip earlier ones
+        that the others still hold for this subscriber.
+        """
+        if not self._candidates:
+            return
+        if (
+            self.lost_needed is not None
+            and len(self._offerers) < self.lost_needed
+            and now - self._first_offer < START_WAIT
+        ):
+            return
+        self._start(min(self._candidates), now)
+
     def _advance(self, now, out):
         """
         Decide as many numbers from C{next_seq} on as the copies allow.
         """
+        if self.next_seq is None:
+            self._maybe_start(now)
         needed = self.needed
         while self.next_seq is not None:
             seq = self.next_seq

@@ -28,6 +28,17 @@ from fit_broker.units import (
 NOW = 1_000.0
 
 
+@pytest.fixture(autouse=True)
+def start_at_once(request, monkeypatch):
+    """
+    These tests feed a few replicas' streams by hand: a fresh voter starts
+    as soon as enough copies agree, instead of waiting for n-f streams
+    (the tests marked wait_to_start check that wait).
+    """
+    if "wait_to_start" not in request.keywords:
+        monkeypatch.setattr("fit_broker.sequencer.START_WAIT", 0.0)
+
+
 def make_config(qop="bft", **orderings):
     classes = {name: QoSClass(name, ordering=name) for name in set(orderings.values())}
     channels = {
@@ -498,3 +509,29 @@ def test_a_simulated_cluster_skips_what_overflowed_and_says_so():
     seqs = [e.seq for e in got]
     assert seqs == sorted(seqs) and seqs[0] == 1
     assert [e.content for e in got][-1] == b"e9"
+
+
+@pytest.mark.wait_to_start
+def test_a_lagging_replica_streaming_first_does_not_make_a_fresh_subscriber_skip():
+    """A fresh CFT subscriber (first copy wins, no record) waits for n-f replicas' streams before it starts: a replica that caught up by state transfer and holds only later numbers, streaming first, does not make it skip the earlier ones the others still hold."""
+    setup = Setup(qop="cft")
+    setup.subscribe()
+    setup.push(3, [entry(40, 4), entry(50, 5)])
+    assert setup.got == []
+    setup.push(0, [entry(10, 1), entry(20, 2), entry(30, 3), entry(40, 4), entry(50, 5)])
+    assert setup.got == []
+    setup.push(1, [entry(10, 1), entry(20, 2), entry(30, 3), entry(40, 4), entry(50, 5)])
+    assert setup.seqs() == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.wait_to_start
+def test_a_fresh_subscriber_with_fewer_streams_starts_after_the_wait():
+    """When fewer than n-f replicas stream anything, the subscriber starts at the earliest number offered once the wait has passed."""
+    setup = Setup(qop="cft")
+    setup.subscribe()
+    setup.push(2, [entry(20, 2)])
+    setup.push(0, [entry(10, 1), entry(20, 2)])
+    assert setup.got == []
+    for _ in range(15):
+        setup.settle(0.1)
+    assert setup.seqs() == [1, 2]

@@ -10,12 +10,15 @@ class Decided:
     """
     One decided instance: C{values} (value tuples) to apply in this order,
     with the timestamp the leader proposed them at (never smaller than the
-    previous instance's).
+    previous instance's).  C{transferred} when this replica learned it
+    from its peers' state transfer, catching up on what it missed.
     """
 
     instance: int
     timestamp: float
     values: tuple
+    # how this replica learned it, not what was decided: not compared
+    transferred: bool = attrs.field(default=False, eq=False)
 
 
 @attrs.frozen

@@ -1059,7 +1059,8 @@ class Orderer:
         if self._last + 1 == instance:
             self._check_accepts(digest)
 
-    def _decide(self, instance, regency, timestamp, data, certificate, digest, values=None, keys=None):
+    def _decide(self, instance, regency, timestamp, data, certificate, digest, values=None, keys=None,
+                transferred=False):
         """
         Record instance C{instance} as decided and hand it to the application.
         """
@@ -1077,7 +1078,7 @@ class Orderer:
         self._log[instance] = (regency, timestamp, data, certificate, digest)
         self._note(J_DECIDED, instance, regency, timestamp, data, certificate)
         self._remember(instance, timestamp, keys)
-        self._decided.append(Decided(instance, timestamp, values))
+        self._decided.append(Decided(instance, timestamp, values, transferred))
         if instance % self._interval == 0:
             self._checkpoints.append(instance)
             own = self._own_checkpoints
@@ -1568,7 +1569,7 @@ class Orderer:
             if valid is None:
                 self._count("state_bad_entry")
                 break
-            if not self._decide(i, regency, timestamp, data, valid, digest):
+            if not self._decide(i, regency, timestamp, data, valid, digest, transferred=True):
                 break
             progressed = True
         if progressed:

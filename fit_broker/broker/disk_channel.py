@@ -469,9 +469,13 @@ class DiskChannel(Channel):
         """
         Take C{batch}, a batch the log lost that peers sent back (as many
         matching copies as the channel's fault model asks): append it to
-        the log and queue it for the subscribers as a publish would,
-        unless the log holds it, it expired, or this publisher's ids say it
-        is a duplicate or overlaps another batch.  Return what became of
+        the log, unless the log holds it, it expired, or this publisher's
+        ids say it is a duplicate or overlaps another batch.  It is not
+        queued for the subscribers, and is logged as done with for those
+        subscribed now: this replica forgot what they acknowledged, and
+        sending them again what they had would deliver it twice where the
+        first copy wins; the replicas that kept their logs serve what they
+        still need.  Return what became of
         it: C{"recovered"}, C{"held"}, C{"expired"}, C{"duplicate"},
         C{"conflict"}, C{"bad"} or C{"failed"} (the log refused it).
         """
@@ -503,9 +507,8 @@ class DiskChannel(Channel):
             ranges.add(batch[1], count, digest)
         self._keys[index] = key
         self._where[key] = index
-        entry = (count, self._outgoing(batch), batch, batch_bytes(batch))
-        for queue in self.queues.values():
-            queue.extend((entry,))
+        for client in self._starts:
+            self._record(["a", client, [list(key)]])
         self.count("recovered-from-peers", count)
         return "recovered"
 

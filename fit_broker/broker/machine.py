@@ -491,21 +491,26 @@ class BrokerStateMachine:
 
     def apply_decided(self, decided, now):
         """
-        Apply decided log entries (C{instance, timestamp, values}) in order.
-        Every correct replica applies the same entries alike: nothing here
-        reads this replica's clock or its local queues to decide.
+        Apply decided log entries (C{instance, timestamp, values,
+        transferred}) in order.  Every correct replica applies the same
+        entries alike: nothing here reads this replica's clock or its local
+        queues to decide.  Batches of entries this replica caught up on by
+        state transfer are not queued for its subscribers: it cannot know
+        what they acknowledged meanwhile, and the replicas that decided
+        them serve what they still need.
         """
         state = self.state
         for entry in decided:
             state.instance = entry.instance
             timestamp = entry.timestamp
+            queued = not entry.transferred
             for value in entry.values:
                 state.position += 1
                 position = state.position
                 kind = value[0]
                 refusal = None
                 if kind == BATCH:
-                    refusal = self._apply_batch(value, position, timestamp)
+                    refusal = self._apply_batch(value, position, timestamp, queued)
                 elif kind in (SUBSCRIBE, UNSUBSCRIBE, REGISTER):
                     refusal = self._apply_membership(value)
                 elif kind == TABLE:
@@ -516,7 +521,7 @@ class BrokerStateMachine:
         for tag in self._global_tags:
             self.on_ready(tag)
 
-    def _apply_batch(self, ref, position, timestamp):
+    def _apply_batch(self, ref, position, timestamp, queued=True):
         """
         Apply a decided batch reference; return C{(status, text)} when the
         table or the ids refuse it at this position (it is then never
@@ -542,8 +547,8 @@ class BrokerStateMachine:
             return Status.BAD_REQUEST, f"event ids {ref[3]}.. of {ref[2]!r} were {verdict} when ordered"
         seq = self.state.next_seq[tag]
         self.state.next_seq[tag] = seq + 1
-        channel.apply(ref, position, seq, timestamp)
-        if not channel.holds(ref):
+        channel.apply(ref, position, seq, timestamp, queued)
+        if queued and not channel.holds(ref):
             key = (tag,) + ref_key(ref)
             if key not in self.missing:
                 self.missing[key] = [ref, None]

@@ -14,8 +14,8 @@ from collections import deque
 
 import msgpack
 
-from fit_broker.broker.queue import BoundedQueue
-from fit_broker.dedup import IdRanges
+from fit_broker.broker.queue import ACKED_AHEAD_WINDOW, BoundedQueue
+from fit_broker.dedup import IdRanges, RecentIds
 from fit_broker.units import (
     BATCH_OVERHEAD,
     MAX_CREDIT_BYTES,
@@ -237,6 +237,10 @@ class OrderedQueue(BoundedQueue):
         # the lowest sequence number this queue holds every entry from (what
         # was not acknowledged), or None when not known
         self.floor = floor
+        # batches the subscriber acknowledged before this replica applied them
+        # (it lags): not queued when they come, as on unordered channels
+        self._acked_ahead = RecentIds(ACKED_AHEAD_WINDOW, floors=False)
+        self.counters["acked-ahead"] = 0
 
     def lost_before(self, tag, seq, position):
         """
@@ -270,13 +274,19 @@ class OrderedQueue(BoundedQueue):
     def append(self, position, seq, ref, note=""):
         """
         Add the entry of sequence number C{seq}; with a C{note}, a tombstone.
+        Return C{False} when the subscriber acknowledged it already (it got
+        it from other replicas before this one applied it), else C{True}.
         """
         key = ref_key(ref)
         if key in self._index:
-            return
+            return True
+        if key in self._acked_ahead:
+            if not note:
+                self.counters["acked-ahead"] += ref[4]
+            return False
         if note:
             self._tombstone(position, seq, ref, note)
-            return
+            return True
         count = ref[4]
         nbytes = ref[9]
         entry = [position, seq, ref, "", 1, count, nbytes, QUEUED]
@@ -287,6 +297,7 @@ class OrderedQueue(BoundedQueue):
         self.counters["enqueued"] += count
         if self._over_bounds():
             self._overflow(entry)
+        return True
 
     def _tombstone(self, position, seq, ref, note):
         entries = self.entries
@@ -425,6 +436,8 @@ class OrderedQueue(BoundedQueue):
         for key in keys:
             entry = index.pop(key, None)
             if entry is None:
+                if delivered:
+                    self._acked_ahead.add(key, 0)
                 continue
             if entry[STATE] == SENT:
                 del self._unacked[key]

@@ -92,11 +92,12 @@ class OrderedChannel(Channel):
         held = self.bodies.get(key)
         return None if held is None else held[1]
 
-    def apply(self, ref, position, seq, decided_at):
+    def apply(self, ref, position, seq, decided_at, queued=True):
         """
         Queue the decided reference C{ref} as sequence number C{seq} for
-        every subscriber: a tombstone when its TTL had passed at the
-        decided entry's timestamp.
+        every subscriber (unless not C{queued}): a tombstone when its TTL
+        had passed at the decided entry's timestamp.  Return the
+        subscribers that had acknowledged it already.
         """
         note = "" if ref[6] + ref[7] > decided_at else EXPIRED
         if note:
@@ -104,8 +105,9 @@ class OrderedChannel(Channel):
         else:
             self.counters["accepted"] += ref[4]
             self.count("ordered", ref[4])
-        for queue in self.queues.values():
-            queue.append(position, seq, ref, note)
+        if not queued:
+            return []
+        return [client for client, queue in self.queues.items() if not queue.append(position, seq, ref, note)]
 
     def subscribe(self, client, resume):
         self.check_subscriber(client)

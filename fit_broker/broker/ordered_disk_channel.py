@@ -12,8 +12,10 @@ channel, each in its own storage.
    "always"} it is synced before the replica announces that it holds the
    batch, so the 2f+1 announcements the leader waits for before proposing
    it are 2f+1 durable copies.
- - The entry log: C{["e", position, seq, ref, note]} for each decided entry
-   applied (what every correct replica applies alike), C{["s", client,
+ - The entry log: C{["e", position, seq, ref, note, queued]} for each
+   decided entry applied (what every correct replica applies alike;
+   C{queued} false for one caught up on by state transfer, queued for
+   nobody), C{["s", client,
    seq]} when a subscriber's queue starts (subscribed, or skipped what
    waited) at sequence number C{seq}, and C{["a", client, [seq...]]} for
    acknowledgements.
@@ -116,8 +118,8 @@ class OrderedDiskChannel(OrderedChannel):
                 record = _unpack(payload)
                 kind = record[0]
                 if kind == "e":
-                    _, position, seq, ref, note = record
-                    self._entries[seq] = (index, position, ref, note)
+                    _, position, seq, ref, note, queued = record
+                    self._entries[seq] = (index, position, ref, note, queued)
                     self.logged_seq = max(self.logged_seq, seq)
                 elif kind == "s":
                     self._starts[record[1]] = record[2]
@@ -145,8 +147,8 @@ class OrderedDiskChannel(OrderedChannel):
             start = self._starts.get(client, 0)
             queue.floor = max(start, first)
             acked = self._acked.get(client, ())
-            for seq, (_, position, ref, note) in self._entries.items():
-                if seq >= start and seq not in acked:
+            for seq, (_, position, ref, note, queued) in self._entries.items():
+                if queued and seq >= start and seq not in acked:
                     queue.append(position, seq, ref, note)
 
     # -- storage errors
@@ -232,17 +234,21 @@ class OrderedDiskChannel(OrderedChannel):
 
     # -- after the log
 
-    def apply(self, ref, position, seq, decided_at):
+    def apply(self, ref, position, seq, decided_at, queued=True):
         if seq <= self.logged_seq:
             # replayed from the agreement journal: the entry log holds it,
             # and rebuild() queues it
             return
-        super().apply(ref, position, seq, decided_at)
+        acked_ahead = super().apply(ref, position, seq, decided_at, queued)
         note = "" if ref[6] + ref[7] > decided_at else EXPIRED
-        index = self._record(["e", position, seq, list(ref), note], self._now or decided_at)
+        index = self._record(["e", position, seq, list(ref), note, queued], self._now or decided_at)
         self.logged_seq = seq
         if index is not None:
-            self._entries[seq] = (index, position, ref, note)
+            self._entries[seq] = (index, position, ref, note, queued)
+        for client in acked_ahead:
+            self._acked.setdefault(client, set()).add(seq)
+            self._record(["a", client, [seq]], self._now)
+        return acked_ahead
 
     def subscribed(self, client, next_seq):
         super().subscribed(client, next_seq)
@@ -299,7 +305,7 @@ class OrderedDiskChannel(OrderedChannel):
         queue = self.queue_of(client)
         if since is not None:
             position = None
-            for _, entry_position, ref, _ in self._entries.values():
+            for _, entry_position, ref, _, _ in self._entries.values():
                 if ref[6] >= since:
                     position = entry_position
                     break
@@ -313,8 +319,8 @@ class OrderedDiskChannel(OrderedChannel):
             return {"from": since if since is not None else position, "position": position, "entries": 0}
         fresh = self.new_queue()
         acked = self._acked.get(client, set())
-        for seq, (_, entry_position, ref, note) in self._entries.items():
-            if entry_position >= position or (seq >= self._starts.get(client, 0) and seq not in acked):
+        for seq, (_, entry_position, ref, note, queued) in self._entries.items():
+            if entry_position >= position or (queued and seq >= self._starts.get(client, 0) and seq not in acked):
                 fresh.append(entry_position, seq, ref, note)
         floors = [f for f in (queue.floor, fresh.entries[0][SEQ] if fresh.entries else None) if f is not None]
         fresh.floor = min(floors) if floors else None

@@ -12,10 +12,10 @@ C{(publisher, first_id)} and its digest, not by a position.
 A batch is taken once enough distinct peers sent the same
 C{(publisher, first_id, digest)}: one on a crash-tolerant channel (crashed
 replicas do not lie), f+1 on a Byzantine one (at least one of them is
-correct).  It is appended to the log and queued for the channel's
-subscribers as a publish would (what the log holds, what expired or what
-the publisher's ids say is a duplicate is left out), and counted as
-C{recovered-from-peers}.  The recovery of a channel ends when every peer it
+correct).  It is appended to the log (what the log holds, what expired or
+what the publisher's ids say is a duplicate is left out), not queued for
+subscribers (the replica forgot what they acknowledged; the others serve
+them), and counted as C{recovered-from-peers}.  The recovery of a channel ends when every peer it
 heard from answered its last page and the others were given up (silent
 for L{PEER_WAIT} seconds, or L{MAX_SILENT} requests in a row), or after
 L{MAX_SECONDS} at most; one line says what it brought.
@@ -206,7 +206,7 @@ class DiskRecovery:
     @param send: C{send(to, kind, body)}, returning C{False} when the frame
         was not written (the link is down or full).
     @param on_ready: called with a channel's tag when recovered batches
-        were queued for its subscribers.
+        were logged (to be synced).
     @param unreachable: peers no link reaches (no way to authenticate them).
     """
 
